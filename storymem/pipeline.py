@@ -23,10 +23,13 @@ import torch.nn.functional as F
 from diffusers import WanImageToVideoPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
 from .conditioning import build_memory_condition, denormalize_latents, encode_memory_frames, encode_video_condition
 from .rope import DEFAULT_STRIDE, ROPE_MODES, install_memory_rope, memory_rope as memory_layout
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["StoryMemPipeline", "WAN_NEGATIVE_PROMPT", "M2V_DEFAULTS", "size_from_area"]
 
@@ -130,6 +133,11 @@ class StoryMemPipeline(WanImageToVideoPipeline):
                  expand_timesteps: bool = False):
         if expand_timesteps:
             raise ValueError("StoryMemPipeline supports the A14B experts; expand_timesteps (TI2V-5B) is not supported")
+        if transformer_2 is not None and boundary_ratio is None:
+            # diffusers' `pipe.components` leaves config values out, so `StoryMemPipeline(**wan.components)` would
+            # silently never use the low-noise expert; Wan2.2-A14B switches at 0.9.
+            logger.info("transformer_2 given without boundary_ratio: using Wan2.2-A14B's 0.9")
+            boundary_ratio = M2V_DEFAULTS["boundary_ratio"]
         super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                          image_processor=image_processor, image_encoder=image_encoder, transformer=transformer,
                          transformer_2=transformer_2, boundary_ratio=boundary_ratio,

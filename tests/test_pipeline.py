@@ -179,3 +179,35 @@ def test_bad_input(tiny_pipe, kwargs, match):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
         tiny_pipe(**args)
+
+
+def test_from_pretrained_local_wan_folder_and_components(tmp_path):
+    stock = WanImageToVideoPipeline(**build_tiny_components(seed=0))
+    stock.save_pretrained(tmp_path / "wan")
+    pipe = StoryMemPipeline.from_pretrained(tmp_path / "wan")
+    pipe.set_progress_bar_config(disable=True)
+    from storymem.rope import MemoryRotaryPosEmbed
+
+    assert isinstance(pipe.transformer.rope, MemoryRotaryPosEmbed)
+    assert isinstance(pipe.transformer_2.rope, MemoryRotaryPosEmbed)
+    assert pipe.config.boundary_ratio == 0.9
+    kwargs = dict(prompt=PROMPT, memory_images=[_image(0)], height=H, width=W, num_frames=F, num_inference_steps=2,
+                  output_type="latent")
+    a = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    b = StoryMemPipeline(**stock.components)(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    torch.testing.assert_close(a, b)
+
+
+def test_cache_hooks_and_attention_backend(tiny_pipe):
+    from diffusers import FirstBlockCacheConfig
+
+    kwargs = dict(prompt=PROMPT, memory_images=[_image(0), _image(1)], height=H, width=W, num_frames=F,
+                  num_inference_steps=4, output_type="latent")
+    reference = tiny_pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    tiny_pipe.transformer.set_attention_backend("native")
+    same = tiny_pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    torch.testing.assert_close(same, reference)
+    for model in (tiny_pipe.transformer, tiny_pipe.transformer_2):
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    cached = tiny_pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    assert cached.shape == reference.shape and torch.isfinite(cached).all()
