@@ -1,0 +1,66 @@
+"""One training step's loss: the memory condition built exactly as at inference, rectified-flow velocity loss."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..conditioning import build_memory_condition
+from ..rope import memory_rope
+from .flow import flow_interpolate, flow_velocity_target, sample_timesteps
+
+__all__ = ["flow_matching_loss", "build_training_condition"]
+
+
+def build_training_condition(batch: dict, temporal_scale: int = 4):
+    """The :class:`~storymem.conditioning.MemoryCondition` of a batch, via the function inference uses."""
+    memory = batch["memory_latents"].float()
+    return build_memory_condition(memory if memory.shape[2] else None, batch["video_condition"].float(),
+                                  batch["num_frames"], batch["num_context_frames"], temporal_scale)
+
+
+def flow_matching_loss(model, batch: dict, expert: str = "high", flow_shift: float = 5.0,
+                       boundary_ratio: float = 0.9, rope_mode: str = "negative", rope_stride: int = 5,
+                       loss_on_memory: bool = False, rope_model=None, weight_dtype: Optional[torch.dtype] = None,
+                       generator: Optional[torch.Generator] = None, timesteps: Optional[torch.Tensor] = None,
+                       temporal_scale: int = 4) -> tuple[torch.Tensor, dict]:
+    """Rectified-flow velocity loss of ``model`` on one batch of :func:`~storymem.training.data.collate_samples`.
+
+    The noisy input spans memory and target frames alike (as in sampling, where the scheduler steps all
+    ``fm + f`` frames): ``x_t = (1 - t) x0 + t eps`` with ``x0 = [memory latents, target latents]``; the loss is
+    ``|v - (eps - x0)|^2`` averaged over the target's latent frames (and the memory frames with
+    ``loss_on_memory``).
+
+    Args:
+        model: the (possibly wrapped) transformer to call.
+        rope_model: the unwrapped transformer whose rope learns the memory layout (default ``model``).
+        generator: CPU generator for timesteps and noise (default: the global RNGs).
+        timesteps: fixed integer timesteps ``[B]`` instead of sampling (evaluation).
+    """
+    latents = batch["latents"].float()
+    condition = build_training_condition(batch, temporal_scale)
+    fm = condition.num_memory_frames
+    # The memory frames' clean latents are the memory part of y.
+    x0 = torch.cat([condition.latents[:, :, :fm], latents], dim=2) if fm else latents
+    batch_size = x0.shape[0]
+    if timesteps is None:
+        timesteps, sigmas = sample_timesteps(batch_size, expert, flow_shift, boundary_ratio, generator=generator)
+    else:
+        sigmas = timesteps.to(torch.float32) / 1000.0
+    timesteps, sigmas = timesteps.to(x0.device), sigmas.to(x0.device)
+    noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    noisy = flow_interpolate(x0, noise, sigmas)
+    target = flow_velocity_target(x0, noise)
+
+    rope_model = rope_model if rope_model is not None else model
+    weight_dtype = weight_dtype or rope_model.dtype
+    hidden_states = torch.cat([noisy, condition.tensor], dim=1).to(weight_dtype)
+    with memory_rope(rope_model, fm, rope_mode, rope_stride):
+        prediction = model(hidden_states=hidden_states, timestep=timesteps,
+                           encoder_hidden_states=batch["prompt_embeds"].to(weight_dtype), return_dict=False)[0]
+    start = 0 if loss_on_memory else fm
+    loss = F.mse_loss(prediction[:, :, start:].float(), target[:, :, start:].float())
+    return loss, {"timesteps": timesteps, "num_memory_frames": fm}

@@ -1,0 +1,316 @@
+"""train_lora.py end to end on the tiny components: prepare, condition parity with inference, training,
+checkpoints, resume, bad data."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from storymem import StoryMemPipeline
+from storymem.lora import StoryMemLoraConfig
+from storymem.training import PreparedDataset, TrainConfig, train
+from storymem.training.data import MemoryClipDataset, SampleSpec, collate_samples
+from storymem.training.errors import DataError
+from storymem.training.loss import build_training_condition, flow_matching_loss
+from storymem.training.models import load_expert
+from storymem.training.sources import resize_and_crop
+from storymem.video import read_video, write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train_lora", ROOT / "train_lora.py")
+train_lora = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_lora)
+
+SIZE, FRAMES = 32, 9
+COLOURS = {"red": (220, 40, 40), "blue": (40, 60, 220)}
+
+
+def _clip(colour, k, n=14, h=40, w=48):
+    frames = np.zeros((n, h, w, 3), np.uint8)
+    frames[:] = np.array(colour) // 4
+    for t in range(n):
+        x = 2 + 2 * t + k
+        frames[t, 12:28, x:x + 12] = colour
+    return frames
+
+
+@pytest.fixture(scope="module")
+def clips_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clips")
+    for name, colour in COLOURS.items():
+        for k in range(3):
+            write_video(root / f"{name}{k}.mp4", _clip(colour, k), fps=16)
+            (root / f"{name}{k}.txt").write_text(f"a {name} square moves right")
+    write_video(root / "short.mp4", _clip((200, 200, 0), 0, n=5), fps=16)  # 5 frames < 9
+    (root / "short.txt").write_text("a yellow square")
+    write_video(root / "nocaption.mp4", _clip((0, 200, 0), 0), fps=16)
+    (root / "broken.mp4").write_bytes(b"\x00\x01 not a video" * 50)
+    (root / "broken.txt").write_text("a broken clip")
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(clips_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    code = train_lora.main(["prepare", "--clips", str(clips_dir), "--out", str(out), "--base", "toy",
+                            "--height", str(SIZE), "--width", str(SIZE), "--num-frames", str(FRAMES),
+                            "--embedder", "pixel", "--cluster-size", "3", "--memory-candidates", "3",
+                            "--contexts", "mi2v,mm2v", "--cache-dtype", "float32", "--shard-size", "3",
+                            "--no-progress", "--overwrite"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "toy.json"
+    StoryMemLoraConfig(rank=8, alpha=8.0, dropout=0.0, conditioning="mi2v").save(path)
+    return path
+
+
+def _train_config(prepared, lora_config_file, out, **kw):
+    args = dict(lora_config=str(lora_config_file), data_dir=str(prepared), output_dir=str(out), base="toy",
+                report_to="none", learning_rate=1e-3, checkpointing_steps=1000, max_train_steps=3)
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+def test_prepare_summary_clusters_and_skips(prepared, clips_dir):
+    index = json.loads((prepared / "index.json").read_text())
+    captions = [c["caption"] for c in index["clips"]]
+    assert len(captions) == 6
+    # Clusters by pixel similarity: the red clips together, the blue ones together.
+    groups = [{captions[i].split()[1] for i in members} for members in index["clusters"]]
+    assert sorted(len(m) for m in index["clusters"]) == [3, 3] and all(len(g) == 1 for g in groups)
+    reasons = {(s["source"].rsplit("/", 1)[-1], s["reason"]) for s in index["skipped"]}
+    assert reasons == {("short.mp4", "too short"), ("nocaption.mp4", "missing caption"),
+                       ("broken.mp4", "unreadable")}
+    assert index["latent_shape"] == [16, 3, 4, 4] and index["contexts"] == ["mi2v", "mm2v"]
+    assert len(index["shards"]) == 2 and (prepared / index["shards"][1]["file"]).is_file()
+    data = PreparedDataset(prepared, verify_checksums=True)
+    assert len(data) == 6 and data.memory_count == 3
+    assert data.tensor(0, "memory").shape == (16, 3, 4, 4)
+    assert data.pad_text(data.tensor(0, "text")).shape == (512, 32)
+
+
+def test_prepare_refuses_to_overwrite_and_needs_clusters(prepared, clips_dir, tmp_path, capsys):
+    assert train_lora.main(["prepare", "--clips", str(clips_dir), "--out", str(prepared), "--base", "toy"]) == 2
+    assert "already holds a prepared dataset" in capsys.readouterr().err
+    # A manifest whose groups leave one clip alone: it is skipped as a cluster of one; two groups of one
+    # leave nothing to train on.
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"file": str(clips_dir / "red0.mp4"), "caption": "a", "group": "x"},
+            {"file": str(clips_dir / "blue0.mp4"), "caption": "b", "group": "y"}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = train_lora.main(["prepare", "--manifest", str(manifest), "--out", str(tmp_path / "o"), "--base", "toy",
+                            "--height", "32", "--width", "32", "--num-frames", "9", "--embedder", "pixel",
+                            "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nothing to train on" in err and "'cluster of one': 2" in err
+
+
+def test_manifest_groups_time_ranges_and_cluster_of_one(clips_dir, tmp_path):
+    from storymem.training import PrepareConfig, prepare_dataset
+
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"file": str(clips_dir / "red0.mp4"), "caption": "a red square", "group": "g"},
+            {"file": str(clips_dir / "red1.mp4"), "caption": "a red square", "group": "g", "start": 0.1},
+            {"file": str(clips_dir / "blue0.mp4"), "caption": "a blue square", "group": "lonely"}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = prepare_dataset(PrepareConfig(output_dir=tmp_path / "o", manifest=manifest, base="toy", height=32,
+                                            width=32, num_frames=9, embedder="pixel", contexts=()), progress=False)
+    assert summary.num_clips == 2 and summary.num_clusters == 1
+    assert summary.skipped_counts() == {"cluster of one": 1}
+    assert "1 cluster of one" in summary.format()
+    index = json.loads((tmp_path / "o" / "index.json").read_text())
+    assert index["clips"][1]["start"] == 0.1 and index["contexts"] == []
+
+
+# ---------------------------------------------------------------------------------------------- parity
+def test_training_condition_equals_the_pipelines(prepared, tiny_pipe):
+    """The cached memory / first-frame latents, assembled by the trainer, give the tensors StoryMemPipeline
+    builds at inference from the same images."""
+    data = PreparedDataset(prepared)
+    target, refs = 0, [(4, 2), (3, 0)]
+    spec = SampleSpec(clip=target, memory=tuple(refs), context="mi2v")
+    batch = collate_samples([MemoryClipDataset(data)[spec]])
+    condition = build_training_condition(batch)
+
+    def frames_of(clip):
+        entry = data.clips[clip]
+        video, _ = read_video(entry["source"])
+        return resize_and_crop(video[entry["frames"]], SIZE, SIZE)
+
+    positions = data.index["memory_positions"]
+    memory_images = [frames_of(c)[positions[j]] for c, j in refs]
+    expected = tiny_pipe.prepare_memory_condition(memory_images, None, frames_of(target)[0], None, 1, SIZE, SIZE,
+                                                  FRAMES, torch.device("cpu"))
+    assert condition.num_memory_frames == expected.num_memory_frames == 2
+    assert condition.num_context_frames == expected.num_context_frames == 1
+    assert torch.equal(condition.mask, expected.mask)
+    torch.testing.assert_close(condition.latents, expected.latents, rtol=1e-5, atol=1e-5)
+
+    # M2V samples use the shared all-zeros condition: the pipeline's M2V condition.
+    m2v = build_training_condition(collate_samples([MemoryClipDataset(data)[SampleSpec(0, tuple(refs))]]))
+    expected = tiny_pipe.prepare_memory_condition(memory_images, None, None, None, 1, SIZE, SIZE, FRAMES,
+                                                  torch.device("cpu"))
+    torch.testing.assert_close(m2v.tensor, expected.tensor, rtol=1e-5, atol=1e-5)
+
+
+def test_dataset_refuses_memory_from_the_target(prepared):
+    data = PreparedDataset(prepared)
+    with pytest.raises(ValueError, match="its own frames"):
+        MemoryClipDataset(data)[SampleSpec(clip=1, memory=((1, 0),))]
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _eval_loss(model, data, specs, seed=0):
+    """Loss at fixed noise and timesteps over fixed samples."""
+    dataset = MemoryClipDataset(data)
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    with torch.no_grad():
+        for spec in specs:
+            batch = collate_samples([dataset[spec]])
+            t = torch.randint(900, 1001, (1,), generator=gen)
+            loss, _ = flow_matching_loss(model, batch, generator=gen, timesteps=t)
+            total += float(loss)
+    return total / len(specs)
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, lora_config_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = _train_config(prepared, lora_config_file, out, max_train_steps=40, learning_rate=3e-3,
+                           validation_steps=40, validation_shots=2, validation_inference_steps=2,
+                           validation_other_expert="none", min_memory=1, max_memory=4)
+    return out, train(config)
+
+
+def test_training_reduces_the_loss(prepared, trained, lora_config_file):
+    out, result = trained
+    data = PreparedDataset(prepared)
+    specs = [SampleSpec(clip=c, memory=((m, 1),), context=ctx)
+             for c, m, ctx in [(0, 1, None), (1, 2, "mi2v"), (3, 4, None), (5, 3, "mi2v")]]
+    base = load_expert("toy", "transformer", dtype=torch.float32)
+    before = _eval_loss(base, data, specs)
+    pipe = StoryMemPipeline(**_toy_parts())
+    pipe.load_storymem_lora(result.adapter_dir)
+    after = _eval_loss(pipe.transformer, data, specs)
+    assert after < 0.8 * before, (before, after)
+    assert len(result.losses) == 40 and result.global_step == 40
+    assert np.mean(result.losses[-10:]) < np.mean(result.losses[:10])
+
+
+def _toy_parts():
+    from storymem.toy import build_tiny_components
+
+    return build_tiny_components(seed=0)
+
+
+def test_checkpoint_loads_into_the_pipeline_and_changes_its_output(trained):
+    out, result = trained
+    adapter = json.loads((result.adapter_dir / "storymem_adapter.json").read_text())
+    assert adapter["experts"] == ["transformer"] and adapter["memory_rope"] == "negative"
+    assert adapter["memory_rope_stride"] == 5 and adapter["rank"] == 8
+    assert (out / "checkpoint-40" / "adapter" / "high_noise.safetensors").is_file()
+    assert not (result.adapter_dir / "low_noise.safetensors").exists()
+
+    memory = [np.random.RandomState(i).randint(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for i in range(2)]
+    kwargs = dict(prompt="a red square moves right", memory_images=memory, height=SIZE, width=SIZE,
+                  num_frames=FRAMES, num_inference_steps=2, output_type="latent")
+    stock = StoryMemPipeline(**_toy_parts())
+    stock.set_progress_bar_config(disable=True)
+    plain = stock(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    pipe = StoryMemPipeline(**_toy_parts())
+    pipe.set_progress_bar_config(disable=True)
+    config = pipe.load_storymem_lora(result.adapter_dir)
+    assert pipe.memory_rope == "negative" and config.experts == ["transformer"]
+    adapted = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    assert adapted.shape == plain.shape
+    assert (adapted - plain).abs().max() > 1e-3
+    # The validation story was rendered and written.
+    assert result.validation_videos == [out / "validation" / "step-000040.mp4"]
+    frames, _ = read_video(result.validation_videos[0])
+    assert frames.shape[1:3] == (SIZE, SIZE) and len(frames) == 2 * FRAMES
+
+
+def test_resume_gives_the_same_next_steps(prepared, lora_config_file, tmp_path):
+    kw = dict(max_train_steps=4, checkpointing_steps=2, mi2v_prob=0.5, caption_dropout=0.2)
+    full = train(_train_config(prepared, lora_config_file, tmp_path / "full", **kw))
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = train(_train_config(prepared, lora_config_file, tmp_path / "resumed",
+                                  resume_from_checkpoint="latest", **kw))
+    assert resumed.global_step == 4 and len(resumed.losses) == 2
+    assert resumed.losses == full.losses[2:]
+
+
+# ---------------------------------------------------------------------------------------------- bad data
+def test_corrupted_shard_is_reported_or_skipped(prepared, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(prepared, copy)
+    index = json.loads((copy / "index.json").read_text())
+    shard = copy / index["shards"][1]["file"]
+    shard.write_bytes(shard.read_bytes()[:-64])  # truncated
+    with pytest.raises(DataError, match=r"shard-00001.safetensors: corrupted or incomplete cache shard"):
+        PreparedDataset(copy)
+    data = PreparedDataset(copy, skip_bad_shards=True)
+    lost = sum(1 for c in index["clips"] if c["shard"] == 1)
+    assert data.dropped == {"bad shard": lost} and len(data) == 6 - lost == 3
+    assert len(data.clusters) == 1
+    # A changed byte is caught by the checksum.
+    shutil.copy(prepared / index["shards"][1]["file"], shard)
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    PreparedDataset(copy)  # the header is intact
+    with pytest.raises(DataError, match="checksum mismatch"):
+        PreparedDataset(copy, verify_checksums=True)
+
+
+def test_train_rejects_mismatched_settings_before_loading_models(prepared, lora_config_file, tmp_path):
+    m2v = tmp_path / "m2v.json"
+    StoryMemLoraConfig(rank=4, alpha=4.0, conditioning="m2v").save(m2v)
+    with pytest.raises(ValueError, match="mi2v-prob must be 0"):
+        train(_train_config(prepared, m2v, tmp_path / "a", mi2v_prob=0.5))
+    mm2v = tmp_path / "mm2v.json"
+    StoryMemLoraConfig(rank=4, alpha=4.0, conditioning="mm2v").save(mm2v)
+    only_mi2v = tmp_path / "data"
+    shutil.copytree(prepared, only_mi2v)
+    index = json.loads((only_mi2v / "index.json").read_text())
+    index["contexts"] = ["mi2v"]
+    (only_mi2v / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match="'mm2v' condition"):
+        train(_train_config(only_mi2v, mm2v, tmp_path / "b"))
+    with pytest.raises(DataError, match="no index.json"):
+        train(_train_config(tmp_path / "missing", lora_config_file, tmp_path / "c"))
+
+
+def test_bench_train_step_runs_tiny():
+    import runpy
+
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "bench_train_step.py"))
+    result = bench["main"](["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "0"])
+    assert result["tokens"] == (2 + 3) * 2 * 2 and np.isfinite(result["loss"])
+
+
+def test_lora_state_dict_from_wrapped_names_matches_peft():
+    """The FSDP export path names tensors as peft does, FSDP wrapper prefixes or not."""
+    from peft.utils import get_peft_model_state_dict
+
+    from storymem.lora import add_storymem_adapter
+    from storymem.training.trainer import lora_state_dict_from
+
+    model = load_expert("toy", "transformer", dtype=torch.float32)
+    add_storymem_adapter(model, StoryMemLoraConfig(rank=4, alpha=4.0), adapter_name="storymem")
+    expected = get_peft_model_state_dict(model, adapter_name="storymem")
+    wrapped = ((k.replace("blocks.1.", "blocks.1._fsdp_wrapped_module._checkpoint_wrapped_module."), v)
+               for k, v in model.state_dict().items())
+    got = lora_state_dict_from(wrapped)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
