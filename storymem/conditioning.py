@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from diffusers.utils.torch_utils import get_module_execution_device
 
 __all__ = [
     "CONTEXT_FRAMES",
@@ -77,11 +78,12 @@ def encode_memory_frames(vae, frames: torch.Tensor, batch_size: int = 8) -> torc
     """
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"memory frames must be [M, 3, H, W], got shape {tuple(frames.shape)}")
-    vae_param = next(vae.parameters())
+    # Where the VAE will run: with model/sequential CPU offload its weights still sit on the CPU here.
+    vae_device = get_module_execution_device(vae)
     chunks = []
     for start in range(0, frames.shape[0], batch_size):
         # Batch of one-frame videos: [m, 3, 1, H, W]; the causal VAE treats batch items independently.
-        chunk = frames[start : start + batch_size].unsqueeze(2).to(vae_param.device, vae.dtype)
+        chunk = frames[start : start + batch_size].unsqueeze(2).to(vae_device, vae.dtype)
         chunks.append(_vae_mode(vae, chunk))
     latents = torch.cat(chunks, dim=0)  # [M, z, 1, h, w]
     latents = latents.squeeze(2).permute(1, 0, 2, 3).unsqueeze(0)  # [1, z, M, h, w]
@@ -106,7 +108,7 @@ def encode_video_condition(
     Returns:
         normalised latents ``[B, z_dim, f, h, w]`` with ``f = (num_frames - 1) / 4 + 1``.
     """
-    vae_param = next(vae.parameters())
+    vae_device = get_module_execution_device(vae)
     if context_frames is None:
         video = torch.zeros(batch_size, 3, num_frames, height, width)
     else:
@@ -119,7 +121,7 @@ def encode_video_condition(
             raise ValueError(f"context frames are {tuple(context_frames.shape[-2:])}, expected {(height, width)}")
         zeros = context_frames.new_zeros(context_frames.shape[0], 3, num_frames - k, height, width)
         video = torch.cat([context_frames, zeros], dim=2)
-    latents = _vae_mode(vae, video.to(vae_param.device, vae.dtype))
+    latents = _vae_mode(vae, video.to(vae_device, vae.dtype))
     device = device if device is not None else latents.device
     return normalize_latents(vae, latents.to(device, torch.float32)).to(dtype)
 
