@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from storymem.atomic import atomic_write
 from storymem.story import Shot, Story, StoryError, load_story
 from storymem.video import probe_video, read_video
 
@@ -814,18 +813,6 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def plot_similarity(report: dict[str, Any], path: str | Path) -> Path:
     """Shot x shot video-similarity heatmap with the top-k prompt-matched pairs outlined (PNG, atomic)."""
     import matplotlib
@@ -867,7 +854,7 @@ def plot_similarity(report: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"{report['story']['name']}: shot similarity (red: top-{k} prompt-matched pairs)", fontsize=9)
     ax.set_xlabel(report["encoders"]["video_text"], fontsize=7)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
 
@@ -876,7 +863,7 @@ def write_report(report: dict[str, Any], json_path: str | Path, plot: bool = Tru
     """Write the report JSON (atomically) and, with `plot`, the similarity chart beside it."""
     json_path = Path(json_path)
     text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     written = [json_path]
     if plot:
         written.append(plot_similarity(report, json_path.with_name(json_path.stem + "_similarity.png")))

@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from .atomic import atomic_write_json
 from .rope import DEFAULT_STRIDE, ROPE_MODES
 
 __all__ = [
@@ -145,7 +146,7 @@ class StoryMemLoraConfig:
         return cls.from_dict(data, source=str(path))
 
     def save(self, path):
-        _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def published(cls, conditioning: str = "mi2v", rank: int = 128) -> "StoryMemLoraConfig":
@@ -155,19 +156,6 @@ class StoryMemLoraConfig:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _atomic_write_text(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def expected_lora_shapes(transformer, config: StoryMemLoraConfig, prefix: str = "transformer.") -> dict:
     """{key: shape} of every LoRA tensor ``config`` puts on ``transformer`` (diffusers naming)."""
     shapes = {}
@@ -283,7 +271,9 @@ def add_storymem_adapter(transformer, config: StoryMemLoraConfig, adapter_name: 
 def save_storymem_lora(folder, transformers: dict, config: StoryMemLoraConfig, adapter_name: str = "storymem"):
     """Write ``storymem_adapter.json`` and one safetensors file per expert, each file atomically.
 
-    ``transformers`` maps ``"transformer"`` / ``"transformer_2"`` to models carrying the adapter.
+    ``transformers`` maps ``"transformer"`` / ``"transformer_2"`` to models carrying the adapter, or to LoRA
+    state dicts already in peft's saved naming (``blocks.0.attn1.to_q.lora_A.weight``), e.g. gathered from
+    FSDP shards.
     """
     from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
     from peft.utils import get_peft_model_state_dict
@@ -291,13 +281,18 @@ def save_storymem_lora(folder, transformers: dict, config: StoryMemLoraConfig, a
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     experts = []
-    for expert, model in transformers.items():
-        if model is None:
+    for expert, source in transformers.items():
+        if source is None:
             continue
         if expert not in EXPERT_FILES:
             raise AdapterError(f"unknown expert {expert!r}; expected one of {list(EXPERT_FILES)}")
-        model = getattr(model, "module", model)  # DDP / accelerate wrappers
-        state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        if isinstance(source, dict):
+            state_dict = source
+        else:
+            model = getattr(source, "module", source)  # DDP / accelerate wrappers
+            state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        if not state_dict:
+            raise AdapterError(f"{expert}: no LoRA weights of adapter {adapter_name!r} to save")
         state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as tmp:
             WanLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=state_dict,

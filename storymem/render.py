@@ -43,6 +43,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .atomic import atomic_write_json
+
 __all__ = [
     "RenderError",
     "RenderOptions",
@@ -332,21 +334,8 @@ def _build_selector(options: RenderOptions, device: str):
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _atomic_write_bytes(path: Path, data: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path: Path, data: dict):
-    _atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_json(path, data)
 
 
 class _AtomicFolder:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import html
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .atomic import atomic_write_bytes
 
 __all__ = ["SheetRow", "build_contact_sheet", "write_contact_sheet", "write_index_html", "write_report",
            "rows_from_manifest"]
@@ -121,19 +122,6 @@ def build_contact_sheet(rows: Sequence[SheetRow], thumb_height: int = 96, title:
     return sheet
 
 
-def _atomic_bytes(path: Path, data: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_image_atomic(image: Image.Image, path: Union[str, os.PathLike], **save_kwargs) -> Path:
     """Save a PIL image (format from the suffix) through a temporary file in the same folder."""
     import io
@@ -141,7 +129,7 @@ def save_image_atomic(image: Image.Image, path: Union[str, os.PathLike], **save_
     path = Path(path)
     buffer = io.BytesIO()
     image.save(buffer, format=Image.registered_extensions()[path.suffix.lower()], **save_kwargs)
-    _atomic_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -244,7 +232,7 @@ def write_index_html(path, manifest: dict) -> Path:
         parts.append("</div></div>")
     parts.append("</body></html>\n")
     path = Path(path)
-    _atomic_bytes(path, "\n".join(parts).encode("utf-8"))
+    atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
     return path
 
 

@@ -11,12 +11,13 @@ import math
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_path
 
 __all__ = ["VideoError", "VideoInfo", "concat_videos", "probe_video", "read_video", "write_video"]
 
@@ -42,22 +43,6 @@ def _ffmpeg_exe() -> str:
     import imageio_ffmpeg
 
     return imageio_ffmpeg.get_ffmpeg_exe()
-
-
-@contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (same suffix, so ffmpeg picks the same muxer); on success move
-    it over `path`, on failure remove it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 _BANNER_PREFIXES = ("ffmpeg version", "built with", "configuration:", "lib", "Copyright")
@@ -123,7 +108,7 @@ def write_video(
         array = np.pad(array, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
         _, height, width, _ = array.shape
 
-    with _atomic_target(path) as tmp:
+    with atomic_path(path) as tmp:
         cmd = [
             _ffmpeg_exe(), "-y", "-v", "error",
             "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", _fps_arg(fps), "-i", "-",
@@ -240,7 +225,7 @@ def concat_videos(
         for i in infos
     )
 
-    with _atomic_target(out_path) as tmp:
+    with atomic_path(out_path) as tmp:
         if same:
             with tempfile.NamedTemporaryFile("w", suffix=".txt", dir=out_path.parent, delete=False) as listing:
                 listing.writelines(_concat_list_line(p) for p in paths)

@@ -23,12 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from ..atomic import atomic_write_bytes
 import torch
 from PIL import Image
 
@@ -231,7 +232,7 @@ class MemoryBank:
             "last_shot": self._last_shot,
         }
         path = folder / MANIFEST_NAME
-        _atomic_write_bytes(path, json.dumps(manifest, indent=2).encode("utf-8"))
+        atomic_write_bytes(path, json.dumps(manifest, indent=2).encode("utf-8"))
         _remove_unreferenced(folder, manifest)
         return path
 
@@ -317,20 +318,6 @@ def _digest(frame: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_png(folder: Path, frame: np.ndarray) -> dict:
     """Write `frame` under a name derived from its pixels (never overwriting a file another manifest uses)."""
     digest = _digest(frame)
@@ -341,7 +328,7 @@ def _write_png(folder: Path, frame: np.ndarray) -> dict:
 
         buffer = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(frame)).save(buffer, format="PNG")
-        _atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue())
     return {"file": name, "sha256": digest}
 
 
@@ -376,7 +363,7 @@ def _write_embeddings(folder: Path, embeddings: torch.Tensor) -> dict:
     digest = hashlib.sha256(data).hexdigest()
     name = f"embeddings-{digest[:20]}.safetensors"
     if not (folder / name).is_file():
-        _atomic_write_bytes(folder / name, data)
+        atomic_write_bytes(folder / name, data)
     return {"file": name, "sha256": digest}
 
 

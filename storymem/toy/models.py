@@ -65,12 +65,18 @@ class TinyConfig:
 
 def build_tiny_components(config: TinyConfig | None = None, seed: int = 0) -> dict:
     """Components for :class:`storymem.StoryMemPipeline` / ``WanImageToVideoPipeline``, random weights."""
+    config = config or TinyConfig()
+    tokenizer = build_tokenizer()
+    # Seeded initialisation without disturbing the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build(config, tokenizer)
+
+
+def _build(config: TinyConfig, tokenizer) -> dict:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    config = config or TinyConfig()
-    tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
     vae = AutoencoderKLWan(base_dim=config.vae_base_dim, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
     text_encoder = UMT5EncoderModel(UMT5Config(

@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..atomic import atomic_write, atomic_write_json
 from .clustering import cluster_embeddings, clusters_from_groups
 from .errors import DataError
 from .sources import (
@@ -175,17 +175,6 @@ class _Clip:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _atomic_write_via(path: Path, writer):
-    """Call ``writer(tmp_path)`` then move the file over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _sha256(path: Path) -> str:
@@ -201,17 +190,8 @@ def _save_safetensors(path: Path, tensors: dict, metadata: Optional[dict] = None
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write_via(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return _sha256(path)
-
-
-def _atomic_write_json(path: Path, obj):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-
-    _atomic_write_via(path, write)
 
 
 def _make_embedder(config: PrepareConfig):
@@ -416,7 +396,7 @@ def prepare_dataset(config: PrepareConfig, embedder=None, progress: bool = True)
         "skipped": [s.to_dict() for s in skipped],
         "prepare_config": _jsonable(dataclasses.asdict(config)),
     }
-    _atomic_write_json(out / INDEX_NAME, index)
+    atomic_write_json(out / INDEX_NAME, index)
     return PrepareSummary(output_dir=out, num_sources=len(sources), num_clips=len(kept),
                           num_clusters=len(cluster_lists), num_shards=len(shard_entries), skipped=skipped,
                           seconds=time.time() - t_start)

@@ -20,20 +20,19 @@ flattened block, so there everything is loaded in fp32 (no memory saved on 2 GPU
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..lora import ADAPTER_CONFIG_NAME, EXPERT_FILES, StoryMemLoraConfig, add_storymem_adapter, save_storymem_lora
+from ..atomic import atomic_write_json
+from ..lora import EXPERT_FILES, StoryMemLoraConfig, add_storymem_adapter, save_storymem_lora
 from .cache import PreparedDataset
 from .data import MemoryBatchSampler, MemoryClipDataset, collate_samples
 from .errors import DataError, TrainingConfigError
@@ -135,22 +134,6 @@ def _adapter_config(lora_config: StoryMemLoraConfig, base: str, component: str) 
                                base_model=lora_config.base_model or (None if is_toy(base) else base_identity(base)))
 
 
-def _write_adapter_state_dicts(folder: Path, state_dicts: dict, config: StoryMemLoraConfig):
-    """The file layout of :func:`storymem.lora.save_storymem_lora`, from gathered state dicts (FSDP runs, where
-    the model's own parameters are shards)."""
-    from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for component, state_dict in state_dicts.items():
-        state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as tmp:
-            WanLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=state_dict,
-                                                 weight_name=EXPERT_FILES[component], safe_serialization=True,
-                                                 transformer_lora_adapter_metadata=config.peft_kwargs())
-            os.replace(Path(tmp) / EXPERT_FILES[component], folder / EXPERT_FILES[component])
-    dataclasses.replace(config, experts=list(state_dicts)).save(folder / ADAPTER_CONFIG_NAME)
-
-
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -198,7 +181,7 @@ def export_adapter(accelerator, model, config: StoryMemLoraConfig, component: st
     if accelerator.distributed_type == DistributedType.FSDP:
         state = _gather_lora_state_dict(accelerator, model)
         if accelerator.is_main_process:
-            _write_adapter_state_dicts(folder, {component: state}, config)
+            save_storymem_lora(folder, {component: state}, config)
     elif accelerator.is_main_process:
         save_storymem_lora(folder, {component: accelerator.unwrap_model(model)}, config, adapter_name=ADAPTER_NAME)
     accelerator.wait_for_everyone()
@@ -406,7 +389,7 @@ def train(config: TrainConfig) -> TrainResult:
     steps_per_epoch = max(1, math.ceil(len(dataloader) / config.gradient_accumulation_steps))
     if accelerator.is_main_process:
         accelerator.init_trackers("storymem-lora", config=_tracker_config(config, lora_config))
-        _write_json(output_dir / "train_config.json", {"train": _jsonable(dataclasses.asdict(config)),
+        atomic_write_json(output_dir / "train_config.json", {"train": _jsonable(dataclasses.asdict(config)),
                                                        "adapter": lora_config.to_dict()})
 
     global_step, first_epoch, skip_batches = 0, 0, 0
@@ -508,17 +491,3 @@ def _tracker_config(config: TrainConfig, lora_config: StoryMemLoraConfig) -> dic
     flat = {k: v for k, v in dataclasses.asdict(config).items() if isinstance(v, (int, float, str, bool))}
     flat.update({f"lora_{k}": v for k, v in lora_config.to_dict().items() if isinstance(v, (int, float, str, bool))})
     return flat
-
-
-def _write_json(path: Path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -1,0 +1,58 @@
+"""Atomic file writes: every output is written to a temporary file beside its destination and moved over it
+with ``os.replace``, so an interrupted run never leaves a truncated file where a complete one is expected."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Union
+
+__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
+
+PathLike = Union[str, os.PathLike]
+
+
+@contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` with the same suffix (tools that pick a format by extension,
+    like ffmpeg or PIL, see the real one); on success move it over ``path``, on failure remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write(path: PathLike, writer: Callable[[str], Any]) -> Path:
+    """Call ``writer(tmp_path)`` to produce the file, then move it into place."""
+    with atomic_path(path) as tmp:
+        writer(str(tmp))
+    return Path(path)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes, fsync: bool = False) -> Path:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    return atomic_write(path, write)
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: PathLike, obj: Any, indent: int = 2) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
