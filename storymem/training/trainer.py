@@ -459,6 +459,11 @@ def train(config: TrainConfig) -> TrainResult:
 
     export_adapter(accelerator, transformer, adapter_config, component, result.adapter_dir)
     result.global_step = global_step
+    if accelerator.is_main_process:
+        # This run's loss curve (mean over processes per optimizer step), for comparing runs and launches.
+        atomic_write_json(output_dir / "train_summary.json", {
+            "global_step": global_step, "losses": result.losses, "num_processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type), "adapter_dir": str(result.adapter_dir)})
     accelerator.end_training()
     return result
 
