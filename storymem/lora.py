@@ -305,15 +305,23 @@ def save_storymem_lora(folder, transformers: dict, config: StoryMemLoraConfig, a
     return folder
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
 def _resolve_folder(path_or_repo, subfolder: Optional[str], **hub_kwargs) -> Path:
+    """A local folder, or a hub repository id (``org/name``) fetched with huggingface_hub."""
     path = Path(path_or_repo)
     if not path.exists():
-        if os.path.isabs(str(path_or_repo)) or str(path_or_repo).startswith("."):
+        if not _HUB_ID.match(str(path_or_repo)):
             raise AdapterError(f"{path_or_repo}: adapter folder not found")
         from huggingface_hub import snapshot_download
 
         patterns = [f"{subfolder}/*"] if subfolder else None
-        path = Path(snapshot_download(str(path_or_repo), allow_patterns=patterns, **hub_kwargs))
+        try:
+            path = Path(snapshot_download(str(path_or_repo), allow_patterns=patterns, **hub_kwargs))
+        except Exception as e:  # offline, unknown repository, no access: say which adapter could not be had
+            raise AdapterError(f"{path_or_repo}: not a local folder, and fetching it from the hub failed ({e})") \
+                from None
     if subfolder:
         path = path / subfolder
     if path.is_file():

@@ -178,3 +178,27 @@ def test_config_files_in_repo_parse():
         128, 128.0, True, "negative", 5)
     peft_config = main.to_peft_config()
     assert peft_config.use_rslora and peft_config.r == 128 and "ffn.net.0.proj" in peft_config.target_modules
+
+
+def test_missing_local_paths_never_reach_a_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_hub(*a, **k):
+        raise AssertionError("hub contacted")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    pipe = _pipe()
+    for path in ("runs/x/adapter", "./adapter", str(tmp_path / "adapter")):
+        with pytest.raises(AdapterError, match="adapter folder not found"):
+            pipe.load_storymem_lora(path)
+
+
+def test_hub_failures_name_the_repository(monkeypatch):
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(AdapterError, match="org/storymem-adapter: not a local folder.*offline"):
+        _pipe().load_storymem_lora("org/storymem-adapter")
