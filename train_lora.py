@@ -68,8 +68,9 @@ def _add_train_args(p: argparse.ArgumentParser):
     io.add_argument("--data", required=True, help="prepared dataset folder")
     io.add_argument("--base", required=True, help='Wan2.2-I2V diffusers folder or hub id, or "toy"')
     io.add_argument("--output", required=True, help="run folder (adapters, checkpoints, logs)")
-    io.add_argument("--expert", choices=["high", "low"], default=d.expert,
-                    help="high: transformer (t >= boundary); low: transformer_2")
+    io.add_argument("--expert", choices=["high", "low", "all"], default=d.expert,
+                    help="high: transformer (t >= boundary); low: transformer_2 (t < boundary); all: the "
+                         "transformer of a single-expert base, every t")
     io.add_argument("--seed", type=int, default=d.seed)
     io.add_argument("--resume-from-checkpoint", "--resume", dest="resume", default=None,
                     help='"latest" or a checkpoint-N folder')
@@ -77,6 +78,9 @@ def _add_train_args(p: argparse.ArgumentParser):
     opt.add_argument("--train-batch-size", type=int, default=d.train_batch_size, help="per device")
     opt.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
     opt.add_argument("--max-train-steps", type=int, default=d.max_train_steps)
+    opt.add_argument("--max-train-minutes", type=float, default=None,
+                     help="stop after this much wall time (saving a checkpoint and the adapter), e.g. to fit a "
+                          "job's time limit; --resume latest continues")
     opt.add_argument("--learning-rate", type=float, default=d.learning_rate)
     opt.add_argument("--lr-scheduler", default=d.lr_scheduler,
                      help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup")
@@ -150,6 +154,7 @@ def run_train(args) -> int:
         lora_config=args.config, data_dir=args.data, output_dir=args.output, base=args.base, expert=args.expert,
         seed=args.seed, train_batch_size=args.train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, max_train_steps=args.max_train_steps,
+        max_train_minutes=args.max_train_minutes,
         learning_rate=args.learning_rate, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
         lr_num_cycles=args.lr_num_cycles, lr_power=args.lr_power, adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2, adam_weight_decay=args.adam_weight_decay, adam_epsilon=args.adam_epsilon,

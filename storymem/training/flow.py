@@ -27,8 +27,8 @@ __all__ = [
 ]
 
 NUM_TRAIN_TIMESTEPS = 1000
-# CLI name -> pipeline component of the expert.
-EXPERTS = {"high": "transformer", "low": "transformer_2"}
+# CLI name -> pipeline component of the expert ("all": the one transformer of a single-expert base).
+EXPERTS = {"high": "transformer", "low": "transformer_2", "all": "transformer"}
 
 
 def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:

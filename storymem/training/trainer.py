@@ -1,6 +1,7 @@
 """Training a StoryMem adapter on one Wan2.2 expert with accelerate (single GPU, DDP or FSDP).
 
-Each run trains one expert (``--expert high`` -> ``transformer``, ``low`` -> ``transformer_2``) on timesteps of
+Each run trains one expert (``--expert high`` -> ``transformer``, ``low`` -> ``transformer_2``; ``all`` for a
+base with a single transformer) on timesteps of
 its side of the boundary, and writes adapters :meth:`StoryMemPipeline.load_storymem_lora` loads::
 
     OUTPUT/
@@ -25,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -60,6 +62,7 @@ class TrainConfig:
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     max_train_steps: int = 2000
+    max_train_minutes: Optional[float] = None  # stop (with a checkpoint) once this much wall time has passed
     learning_rate: float = 1e-4
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
@@ -114,6 +117,8 @@ class TrainConfig:
         if self.validation_other_expert not in ("base", "none"):
             raise TrainingConfigError(
                 f"validation_other_expert must be base or none, got {self.validation_other_expert!r}")
+        if self.max_train_minutes is not None and self.max_train_minutes <= 0:
+            raise TrainingConfigError(f"max_train_minutes must be > 0, got {self.max_train_minutes}")
         if self.validation_steps < 0:
             raise TrainingConfigError(f"validation_steps must be >= 0, got {self.validation_steps}")
 
@@ -342,7 +347,7 @@ def train(config: TrainConfig) -> TrainResult:
             renderer = ValidationRenderer(
                 data, config.base, component, accelerator.device, weight_dtype, config.validation_shots,
                 config.validation_inference_steps, config.validation_guidance_scale,
-                config.validation_other_expert, config.validation_cluster, config.max_memory, seed=config.seed)
+                "none" if config.expert == "all" else config.validation_other_expert, config.validation_cluster, config.max_memory, seed=config.seed)
 
     set_seed(config.seed, device_specific=True)  # per-process noise; the sampler shares config.seed
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -417,7 +422,9 @@ def train(config: TrainConfig) -> TrainResult:
                     disable=not accelerator.is_local_main_process)
     epoch = first_epoch
     step_loss = torch.zeros((), device=accelerator.device)
-    while global_step < config.max_train_steps:
+    started = time.perf_counter()
+    out_of_time = False
+    while global_step < config.max_train_steps and not out_of_time:
         sampler.epoch = epoch
         loader = dataloader
         if epoch == first_epoch and skip_batches:
@@ -444,7 +451,15 @@ def train(config: TrainConfig) -> TrainResult:
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
 
-            if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
+            if config.max_train_minutes is not None:
+                # Every process stops at the same step: the decision is reduced across them.
+                late = torch.tensor(float(time.perf_counter() - started >= 60.0 * config.max_train_minutes),
+                                    device=accelerator.device)
+                out_of_time = accelerator.reduce(late, reduction="sum").item() > 0
+                if out_of_time:
+                    logger.info("time limit of %s min reached at step %d", config.max_train_minutes, global_step)
+            if (global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps
+                    or out_of_time):
                 _save_checkpoint(accelerator, transformer, adapter_config, component, output_dir, global_step,
                                  config.checkpoints_total_limit, is_fsdp)
             if renderer is not None and global_step % config.validation_steps == 0:
@@ -452,7 +467,7 @@ def train(config: TrainConfig) -> TrainResult:
                 result.validation_videos.append(renderer.render(unwrapped, path, fps=data.index.get("fps", 16.0)))
             if config.validation_steps and global_step % config.validation_steps == 0:
                 accelerator.wait_for_everyone()
-            if global_step >= config.max_train_steps:
+            if global_step >= config.max_train_steps or out_of_time:
                 break
         epoch += 1
     progress.close()

@@ -1,0 +1,522 @@
+"""Training the small world's base video model from scratch: VAE, text encoder and one Wan transformer.
+
+The base is what Wan2.2-I2V is to the real StoryMem: a text-and-image-to-video model that knows nothing of
+memory. It is built from the same diffusers/transformers classes (``AutoencoderKLWan`` with 4x spatial and 4x
+temporal compression, a small ``UMT5EncoderModel`` over the toy world's word tokenizer, one
+``WanTransformer3DModel`` expert) and trained on procedurally rendered shape clips:
+
+1. **VAE** on short windows of the clips (reconstruction, with the saturated character pixels weighted up,
+   plus a small KL term); the latents' per-channel mean and std then go into the VAE config, where Wan
+   pipelines read them.
+2. **Transformer and text encoder** on the clips' normalised latents with the rectified-flow velocity loss of
+   :func:`storymem.training.loss.flow_matching_loss` (the memory-free layout): half the batches are
+   text-to-video (the all-zeros M2V condition), half image-to-video (first frame given); captions are
+   dropped to the empty prompt for classifier-free guidance; an EMA of the weights is what gets saved.
+
+The result is a diffusers folder ``StoryMemPipeline.from_pretrained`` loads (``infer_story.py --base DIR``,
+``train_lora.py ... --base DIR``), stored in float16 to keep it small::
+
+    python -m storymem.toy.train_base --out runs/toy-base --device cuda --vae-minutes 2 --minutes 5
+
+Stages resume: a finished VAE in ``OUT/stages/vae`` is reused unless ``--retrain-vae``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..atomic import atomic_write_json
+from .world import Character, ClipSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ToyBaseConfig",
+    "build_base_components",
+    "render_training_clips",
+    "train_base",
+    "train_vae",
+    "train_transformer",
+]
+
+MAX_SEQUENCE_LENGTH = 512  # what the pipeline pads prompts to; training must see the same padding
+CAPTION_MODES = ("first", "named", "returns", "same")
+
+
+@dataclass
+class ToyBaseConfig:
+    """Sizes and training settings of the small world's base model."""
+
+    # clips
+    height: int = 64
+    width: int = 64
+    num_frames: int = 17
+    num_clips: int = 12000
+    caption_mode_probs: tuple = (0.5, 0.25, 0.15, 0.1)  # first, named, returns, same
+    exclude: list = field(default_factory=list)  # identity keys kept out of training (held-out stories)
+    # VAE
+    vae_base_dim: int = 16
+    vae_dim_mult: tuple = (1, 2, 4)
+    z_dim: int = 16
+    vae_steps: int = 3000
+    vae_batch_size: int = 32
+    vae_window: int = 9  # frames per training window (4n+1): the first frame and two causal chunks
+    vae_lr: float = 5e-4
+    vae_kl_weight: float = 1e-6
+    character_weight: float = 4.0  # extra reconstruction weight on saturated (character) pixels
+    # text encoder
+    text_dim: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    # transformer
+    heads: int = 4
+    head_dim: int = 48
+    layers: int = 8
+    ffn_dim: int = 768
+    freq_dim: int = 64
+    flow_shift: float = 3.0
+    steps: int = 20000
+    batch_size: int = 64
+    lr: float = 4e-4
+    warmup_steps: int = 500
+    i2v_prob: float = 0.5
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    seed: int = 0
+
+    def validate(self):
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
+        for name in ("num_frames", "vae_window"):
+            value = getattr(self, name)
+            if value < 5 or (value - 1) % 4:
+                raise ValueError(f"{name} must be 4n+1 and >= 5, got {value}")
+        if self.vae_window > self.num_frames:
+            raise ValueError(f"vae_window ({self.vae_window}) is longer than the clips ({self.num_frames})")
+        if len(self.caption_mode_probs) != len(CAPTION_MODES) or abs(sum(self.caption_mode_probs) - 1) > 1e-6:
+            raise ValueError(f"caption_mode_probs must be {len(CAPTION_MODES)} probabilities summing to 1")
+        if (self.head_dim // 6) * 4 >= self.head_dim:
+            raise ValueError(f"head_dim {self.head_dim} leaves no rope channels for time")
+
+    @property
+    def spatial_scale(self) -> int:
+        return 2 ** (len(self.vae_dim_mult) - 1)
+
+
+# ---------------------------------------------------------------------------------------------- models
+def build_base_components(config: ToyBaseConfig, seed: int = 0) -> dict:
+    """Untrained components of the base model (StoryMemPipeline keyword arguments)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .models import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        downsamples = len(config.vae_dim_mult) - 1
+        vae = AutoencoderKLWan(base_dim=config.vae_base_dim, z_dim=config.z_dim, dim_mult=list(config.vae_dim_mult),
+                               num_res_blocks=1, temperal_downsample=[True] * downsamples,
+                               scale_factor_spatial=config.spatial_scale,
+                               latents_mean=[0.0] * config.z_dim, latents_std=[1.0] * config.z_dim)
+        text_encoder = UMT5EncoderModel(UMT5Config(
+            vocab_size=len(tokenizer), d_model=config.text_dim, d_kv=config.text_dim // config.text_heads,
+            d_ff=4 * config.text_dim, num_layers=config.text_layers, num_heads=config.text_heads,
+            relative_attention_num_buckets=16, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+            decoder_start_token_id=0,
+        ))
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=config.heads, attention_head_dim=config.head_dim,
+            in_channels=2 * config.z_dim + 4, out_channels=config.z_dim, text_dim=config.text_dim,
+            freq_dim=config.freq_dim, ffn_dim=config.ffn_dim, num_layers=config.layers, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=256, image_dim=None,
+        )
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=config.flow_shift, num_train_timesteps=1000)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                transformer=transformer, transformer_2=None, boundary_ratio=None)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _render_chunk(job: tuple) -> tuple[np.ndarray, list[str], list[str]]:
+    seed, count, num_frames, height, width, mode_probs, exclude = job
+    rng = np.random.default_rng(seed)
+    frames = np.empty((count, num_frames, height, width, 3), np.uint8)
+    captions, identities = [], []
+    for i in range(count):
+        character = Character.random(rng, exclude=exclude)
+        spec = ClipSpec.random(rng, character)
+        frames[i] = spec.render(num_frames, height, width)
+        captions.append(spec.caption(CAPTION_MODES[int(rng.choice(len(CAPTION_MODES), p=mode_probs))]))
+        identities.append(character.key)
+    return frames, captions, identities
+
+
+def render_training_clips(count: int, num_frames: int, height: int, width: int, seed: int = 0,
+                          exclude: Sequence[str] = (), mode_probs: Sequence[float] = (0.5, 0.25, 0.15, 0.1),
+                          workers: int = 1, chunk: int = 250) -> tuple[np.ndarray, list[str], list[str]]:
+    """``count`` single-character clips of random characters (identities in ``exclude`` left out) in random
+    scenes, with captions in the given mix of modes. Deterministic per ``seed`` whatever ``workers``.
+
+    Returns ``(frames uint8 [N, T, H, W, 3], captions, identity keys)``.
+    """
+    jobs = [(int(np.random.default_rng([seed, i]).integers(2 ** 31)), min(chunk, count - start), num_frames,
+             height, width, tuple(mode_probs), tuple(exclude)) for i, start in enumerate(range(0, count, chunk))]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(pool.map(_render_chunk, jobs))
+    else:
+        parts = [_render_chunk(job) for job in jobs]
+    frames = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, num_frames, height, width, 3), np.uint8)
+    return frames, [c for p in parts for c in p[1]], [k for p in parts for k in p[2]]
+
+
+def _to_video(frames_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, T, H, W, 3] -> float [B, 3, T, H, W] in [-1, 1]."""
+    return frames_uint8.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+
+
+def _character_weight(video: torch.Tensor, extra: float) -> torch.Tensor:
+    """1 + extra on saturated pixels: the world draws characters in saturated colours and backgrounds muted,
+    so this puts the loss where identities are."""
+    rgb = (video + 1) / 2
+    top = rgb.amax(dim=1, keepdim=True)
+    saturation = (top - rgb.amin(dim=1, keepdim=True)) / top.clamp_min(1e-3)
+    return 1.0 + extra * ((saturation > 0.6) & (top > 0.5)).float()
+
+
+class _Clock:
+    """Training progress by steps or by wall time, whichever runs out first."""
+
+    def __init__(self, steps: int, minutes: Optional[float]):
+        self.start = time.perf_counter()
+        self.steps = steps
+        self.limit = None if minutes is None else 60.0 * minutes
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def progress(self, step: int) -> float:
+        by_steps = step / max(1, self.steps)
+        return by_steps if self.limit is None else max(by_steps, self.elapsed() / self.limit)
+
+    def out(self, step: int) -> bool:
+        return self.progress(step) >= 1.0
+
+
+def _set_lr(optimizer, base_lr: float, step: int, warmup: int, progress: float) -> float:
+    """Linear warmup, then cosine decay to a tenth over the run's progress (steps or time, so a run cut short
+    by its time limit still anneals)."""
+    factor = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * factor
+    return base_lr * factor
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+def train_vae(vae, clips: torch.Tensor, config: ToyBaseConfig, device, minutes: Optional[float] = None,
+              log_every: int = 100, generator: Optional[torch.Generator] = None) -> list[float]:
+    """Train ``vae`` in place on random windows of ``clips`` (uint8 [N, T, H, W, 3], CPU). Returns the losses."""
+    vae.to(device).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    warmup = min(200, config.vae_steps // 10)
+    generator = generator or torch.Generator().manual_seed(config.seed)
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                              enabled=torch.device(device).type == "cuda")
+    clock, losses = _Clock(config.vae_steps, minutes), []
+    n, length = clips.shape[0], clips.shape[1]
+    for step in range(config.vae_steps):
+        _set_lr(optimizer, config.vae_lr, step, warmup, clock.progress(step))
+        index = torch.randint(n, (config.vae_batch_size,), generator=generator)
+        start = int(torch.randint(length - config.vae_window + 1, (1,), generator=generator))
+        video = _to_video(clips[index, start:start + config.vae_window].to(device, non_blocking=True))
+        with autocast:
+            posterior = vae.encode(video).latent_dist
+            reconstruction = vae.decode(posterior.sample(generator=None)).sample
+        reconstruction = reconstruction.float()
+        weight = _character_weight(video, config.character_weight)
+        error = reconstruction - video
+        loss = (weight * (error.abs() + error.square())).mean() / weight.mean()
+        loss = loss + config.vae_kl_weight * posterior.kl().float().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss))
+        if log_every and (step % log_every == 0 or step == config.vae_steps - 1):
+            logger.info("vae step %d loss %.4f (%.0f s)", step, float(np.mean(losses[-log_every:])), clock.elapsed())
+        if clock.out(step + 1):
+            if step + 1 < config.vae_steps:
+                logger.info("vae: time limit reached after %d steps", step + 1)
+            break
+    vae.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, clips: torch.Tensor, device, batch_size: int = 32) -> dict:
+    """PSNR (dB) of the VAE's reconstructions of ``clips``: whole frames and character pixels only."""
+    errors, weights = [], []
+    for start in range(0, clips.shape[0], batch_size):
+        video = _to_video(clips[start:start + batch_size].to(device))
+        reconstruction = vae.decode(vae.encode(video).latent_dist.mode()).sample.float().clamp(-1, 1)
+        errors.append(((reconstruction - video) / 2).square())
+        weights.append(_character_weight(video, 1.0) - 1.0)
+    error, character = torch.cat(errors), torch.cat(weights).expand_as(torch.cat(errors))
+    mse_all = float(error.mean())
+    mse_character = float((error * character).sum() / character.sum().clamp_min(1))
+    return {"psnr": round(-10 * math.log10(max(mse_all, 1e-10)), 2),
+            "character_psnr": round(-10 * math.log10(max(mse_character, 1e-10)), 2)}
+
+
+@torch.no_grad()
+def set_latent_statistics(vae, clips: torch.Tensor, device, batch_size: int = 64) -> tuple[list, list]:
+    """Per-channel mean and std of the VAE's latents (posterior mode) over ``clips``, written to the VAE
+    config as ``latents_mean`` / ``latents_std`` (how Wan pipelines normalise latents)."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for start in range(0, clips.shape[0], batch_size):
+        video = _to_video(clips[start:start + batch_size].to(device))
+        z = vae.encode(video.to(vae.dtype)).latent_dist.mode().float()
+        total = total + z.sum(dim=(0, 2, 3, 4)).double()
+        total_sq = total_sq + z.square().sum(dim=(0, 2, 3, 4)).double()
+        count += z.numel() // z.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-8).sqrt()
+    mean_list, std_list = [round(float(v), 5) for v in mean], [round(float(v), 5) for v in std]
+    vae.register_to_config(latents_mean=mean_list, latents_std=std_list)
+    return mean_list, std_list
+
+
+@torch.no_grad()
+def encode_clips(vae, clips: torch.Tensor, device, batch_size: int = 64, out_dtype=torch.bfloat16):
+    """Normalised latents of the clips and their image-to-video conditions (first frame, then zeros)."""
+    from ..conditioning import encode_video_condition, normalize_latents
+
+    _, length, height, width, _ = clips.shape
+    latents, conditions = [], []
+    for start in range(0, clips.shape[0], batch_size):
+        video = _to_video(clips[start:start + batch_size].to(device))
+        latents.append(normalize_latents(vae, vae.encode(video).latent_dist.mode().float()).to(out_dtype))
+        conditions.append(encode_video_condition(vae, video[:, :, :1], length, height, width,
+                                                 batch_size=video.shape[0], device=device).to(out_dtype))
+    return torch.cat(latents), torch.cat(conditions)
+
+
+# ---------------------------------------------------------------------------------------------- transformer
+def _prompt_embeddings(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Wan's prompt encoding: the encoder's states up to each prompt's length, zeros after (as
+    ``WanImageToVideoPipeline._get_t5_prompt_embeds``)."""
+    states = text_encoder(ids, mask).last_hidden_state
+    return states * mask.unsqueeze(-1).to(states.dtype)
+
+
+def tokenize(tokenizer, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    from diffusers.pipelines.wan.pipeline_wan_i2v import prompt_clean
+
+    inputs = tokenizer([prompt_clean(c) for c in captions], padding="max_length", max_length=MAX_SEQUENCE_LENGTH,
+                       truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    return inputs.input_ids, inputs.attention_mask
+
+
+def train_transformer(components: dict, latents: torch.Tensor, i2v_conditions: torch.Tensor,
+                      m2v_condition: torch.Tensor, captions: Sequence[str], config: ToyBaseConfig, device,
+                      minutes: Optional[float] = None, log_every: int = 200,
+                      generator: Optional[torch.Generator] = None) -> list[float]:
+    """Train the transformer and the text encoder in place (then load their EMA weights). Returns the losses.
+
+    ``latents`` / ``i2v_conditions``: normalised ``[N, z, f, h, w]`` on ``device``; ``m2v_condition``:
+    ``[1, z, f, h, w]``.
+    """
+    from diffusers.training_utils import EMAModel
+
+    from ..training.loss import flow_matching_loss
+
+    transformer, text_encoder, tokenizer = components["transformer"], components["text_encoder"], components["tokenizer"]
+    transformer.to(device).train().requires_grad_(True)
+    text_encoder.to(device).train().requires_grad_(True)
+    ids, mask = tokenize(tokenizer, captions)
+    empty_ids, empty_mask = tokenize(tokenizer, [""])
+    # Prompts are short: the encoder only needs the first tokens (the rest is padding it masks anyway).
+    used = int(mask.sum(dim=1).max())
+    ids, mask = ids[:, :used].to(device), mask[:, :used].to(device)
+    empty_ids, empty_mask = empty_ids[:, :used].to(device), empty_mask[:, :used].to(device)
+
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    ema = EMAModel(params, decay=config.ema_decay)
+    generator = generator or torch.Generator().manual_seed(config.seed + 1)
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                              enabled=torch.device(device).type == "cuda")
+    n, f = latents.shape[0], latents.shape[2]
+    empty_memory = latents.new_zeros(config.batch_size, latents.shape[1], 0, *latents.shape[3:]).float()
+    clock, losses = _Clock(config.steps, minutes), []
+    for step in range(config.steps):
+        lr = _set_lr(optimizer, config.lr, step, config.warmup_steps, clock.progress(step))
+        index = torch.randint(n, (config.batch_size,), generator=generator)
+        i2v = bool(torch.rand((), generator=generator) < config.i2v_prob)
+        dropped = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+        index_d = index.to(device)
+        batch_ids = torch.where(dropped.to(device)[:, None], empty_ids.expand(config.batch_size, -1), ids[index_d])
+        batch_mask = torch.where(dropped.to(device)[:, None], empty_mask.expand(config.batch_size, -1), mask[index_d])
+        with autocast:
+            embeds = _prompt_embeddings(text_encoder, batch_ids, batch_mask)
+        embeds = F.pad(embeds.float(), (0, 0, 0, MAX_SEQUENCE_LENGTH - embeds.shape[1]))
+        batch = {
+            "latents": latents[index_d].float(),
+            "memory_latents": empty_memory,
+            "video_condition": (i2v_conditions[index_d] if i2v else m2v_condition.expand(config.batch_size, -1, -1, -1, -1)).float(),
+            "num_frames": (f - 1) * 4 + 1,
+            "num_context_frames": 1 if i2v else 0,
+            "prompt_embeds": embeds,
+        }
+        with autocast:
+            loss, _ = flow_matching_loss(transformer, batch, expert="all", flow_shift=config.flow_shift,
+                                         weight_dtype=torch.float32, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        ema.step(params)
+        losses.append(float(loss))
+        if log_every and (step % log_every == 0 or step == config.steps - 1):
+            logger.info("transformer step %d loss %.4f lr %.2e (%.0f s)", step, float(np.mean(losses[-log_every:])),
+                        lr, clock.elapsed())
+        if clock.out(step + 1):
+            if step + 1 < config.steps:
+                logger.info("transformer: time limit reached after %d steps", step + 1)
+            break
+    ema.copy_to(params)
+    transformer.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def save_base(components: dict, out_dir: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write the base as a diffusers folder (safetensors, ``dtype``) that StoryMemPipeline loads."""
+    from ..pipeline import StoryMemPipeline
+
+    pipe = StoryMemPipeline(**components)
+    pipe.to("cpu")
+    for name in ("vae", "text_encoder", "transformer"):
+        getattr(pipe, name).to(dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for name in ("vae", "text_encoder", "transformer"):
+        getattr(pipe, name).to(torch.float32)
+    return out_dir
+
+
+def train_base(config: ToyBaseConfig, out_dir, device: str = "cpu", workers: int = 1,
+               vae_minutes: Optional[float] = None, minutes: Optional[float] = None,
+               retrain_vae: bool = False) -> dict:
+    """The whole recipe: render clips, train (or reuse) the VAE, encode, train the transformer, save."""
+    from diffusers import AutoencoderKLWan
+
+    from ..conditioning import encode_video_condition
+
+    config.validate()
+    out_dir = Path(out_dir)
+    torch.manual_seed(config.seed)
+    t0 = time.perf_counter()
+    frames, captions, identities = render_training_clips(
+        config.num_clips, config.num_frames, config.height, config.width, seed=config.seed, exclude=config.exclude,
+        mode_probs=config.caption_mode_probs, workers=workers)
+    clips = torch.from_numpy(frames)
+    if device.startswith("cuda"):
+        clips = clips.pin_memory()
+    logger.info("rendered %d clips in %.1f s", len(captions), time.perf_counter() - t0)
+    components = build_base_components(config, seed=config.seed)
+
+    vae_dir = out_dir / "stages" / "vae"
+    summary = {"config": dataclasses.asdict(config), "clips": len(captions),
+               "identities": len(set(identities))}
+    if (vae_dir / "config.json").is_file() and not retrain_vae:
+        components["vae"] = AutoencoderKLWan.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
+        summary["vae"] = {"reused": str(vae_dir)}
+        logger.info("reusing the VAE in %s", vae_dir)
+    else:
+        t = time.perf_counter()
+        vae_losses = train_vae(components["vae"], clips, config, device, minutes=vae_minutes)
+        set_latent_statistics(components["vae"], clips[: min(len(clips), 1024)], device)
+        components["vae"].to("cpu").save_pretrained(vae_dir, safe_serialization=True)
+        summary["vae"] = {"steps": len(vae_losses), "seconds": round(time.perf_counter() - t, 1),
+                          "loss_first": vae_losses[0], "loss_last100": float(np.mean(vae_losses[-100:]))}
+        # Held-out clips (another seed) for the reconstruction figure.
+        held_out, _, _ = render_training_clips(64, config.num_frames, config.height, config.width,
+                                               seed=config.seed + 10_000, exclude=config.exclude)
+        summary["vae"].update(reconstruction_psnr(components["vae"].to(device), torch.from_numpy(held_out), device))
+        logger.info("vae: %s", summary["vae"])
+    vae = components["vae"].to(device).eval().requires_grad_(False)
+    t = time.perf_counter()
+    latents, i2v_conditions = encode_clips(vae, clips, device)
+    m2v = encode_video_condition(vae, None, config.num_frames, config.height, config.width, device=device)
+    summary["encode_seconds"] = round(time.perf_counter() - t, 1)
+    del clips, frames
+
+    t = time.perf_counter()
+    losses = train_transformer(components, latents, i2v_conditions, m2v, captions, config, device, minutes=minutes)
+    summary["transformer"] = {"steps": len(losses), "seconds": round(time.perf_counter() - t, 1),
+                              "loss_first100": float(np.mean(losses[:100])),
+                              "loss_last500": float(np.mean(losses[-500:]))}
+    components["vae"] = vae.to("cpu")
+    save_base(components, out_dir / "base")
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    atomic_write_json(out_dir / "train_base_summary.json", summary)
+    return summary
+
+
+def _parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Train the small world's base video model (VAE, text encoder, "
+                                             "transformer) and save it as a diffusers folder.")
+    ap.add_argument("--out", required=True, help="output folder (the model goes to OUT/base)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--workers", type=int, default=1, help="processes rendering the training clips")
+    ap.add_argument("--exclude-stories", help="a toy story set (index.json folder) whose characters stay out")
+    ap.add_argument("--vae-minutes", type=float, help="stop VAE training after this long")
+    ap.add_argument("--minutes", type=float, help="stop transformer training after this long")
+    ap.add_argument("--retrain-vae", action="store_true")
+    for f in dataclasses.fields(ToyBaseConfig):
+        if f.type in ("int", "float") or f.type in (int, float):
+            ap.add_argument("--" + f.name.replace("_", "-"), type=float if "float" in str(f.type) else int)
+    return ap.parse_args(argv)
+
+
+def story_identities(stories_dir) -> list[str]:
+    """Every identity key of a toy story set (``index.json`` of :func:`storymem.toy.datasets.make_story_set`)."""
+    path = Path(stories_dir) / "index.json"
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        return sorted({key for story in index["stories"] for key in story["identities"].values()})
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: not a toy story set index ({err})") from None
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = _parse(argv)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ToyBaseConfig)
+                 if getattr(args, f.name, None) is not None}
+    config = ToyBaseConfig(**overrides)
+    if args.exclude_stories:
+        config.exclude = story_identities(args.exclude_stories)
+    summary = train_base(config, args.out, device=args.device, workers=args.workers, vae_minutes=args.vae_minutes,
+                         minutes=args.minutes, retrain_vae=args.retrain_vae)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

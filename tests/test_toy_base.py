@@ -1,0 +1,83 @@
+"""Training the small world's base model (storymem.toy.train_base) at CPU sizes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from storymem.toy.train_base import (
+    ToyBaseConfig,
+    build_base_components,
+    render_training_clips,
+    story_identities,
+    train_base,
+    train_transformer,
+)
+
+TINY = dict(num_clips=24, height=32, width=32, num_frames=9, vae_steps=12, vae_batch_size=4, vae_window=5,
+            steps=40, batch_size=8, layers=1, heads=2, head_dim=24, ffn_dim=48, text_dim=32, warmup_steps=4,
+            lr=2e-3)
+
+
+def test_training_clips_are_deterministic_and_respect_exclusions():
+    a = render_training_clips(6, 5, 32, 32, seed=3, chunk=4)
+    b = render_training_clips(6, 5, 32, 32, seed=3, chunk=4, workers=2)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+    assert a[0].shape == (6, 5, 32, 32, 3) and a[0].dtype == np.uint8
+    c = render_training_clips(6, 5, 32, 32, seed=4, chunk=4)
+    assert not np.array_equal(a[0], c[0])
+    excluded = render_training_clips(40, 5, 32, 32, seed=3, exclude=a[2][:3])
+    assert not set(a[2][:3]) & set(excluded[2])
+
+
+def test_config_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ToyBaseConfig(height=40).validate()
+    with pytest.raises(ValueError, match="vae_window"):
+        ToyBaseConfig(vae_window=6).validate()
+
+
+def test_story_identities_names_a_bad_index(tmp_path):
+    with pytest.raises(ValueError, match="index.json"):
+        story_identities(tmp_path)
+    from storymem.toy.datasets import make_story_set
+
+    make_story_set(tmp_path / "s", count=2, seed=1)
+    keys = story_identities(tmp_path / "s")
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert set(keys) == {k for s in index["stories"] for k in s["identities"].values()}
+
+
+def test_train_base_writes_a_pipeline_folder_that_loads_and_renders(tmp_path):
+    from storymem import StoryMemPipeline
+
+    config = ToyBaseConfig(**TINY)
+    summary = train_base(config, tmp_path / "run", device="cpu")
+    assert summary["vae"]["steps"] == TINY["vae_steps"] and summary["transformer"]["steps"] == TINY["steps"]
+    pipe = StoryMemPipeline.from_pretrained(tmp_path / "run" / "base", torch_dtype=torch.float32)
+    assert pipe.transformer_2 is None and pipe.vae_scale_factor_spatial == 4
+    # The latent statistics were measured and stored where Wan pipelines read them.
+    assert pipe.vae.config.latents_std != [1.0] * 16 and all(s > 0 for s in pipe.vae.config.latents_std)
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(prompt="a red circle walks", negative_prompt="", height=32, width=32, num_frames=9,
+                  num_inference_steps=2, guidance_scale=2.0, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).frames[0]
+    assert frames.shape == (9, 32, 32, 3) and np.isfinite(frames).all()
+    # A second run reuses the finished VAE stage.
+    again = train_base(ToyBaseConfig(**{**TINY, "steps": 2}), tmp_path / "run", device="cpu")
+    assert "reused" in again["vae"]
+
+
+def test_transformer_loss_falls_on_a_trivial_dataset():
+    config = ToyBaseConfig(**{**TINY, "steps": 100, "batch_size": 4, "caption_dropout": 0.0, "ema_decay": 0.0})
+    components = build_base_components(config, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 16, 3, 8, 8, generator=generator)
+    conditions = torch.randn(2, 16, 3, 8, 8, generator=generator)
+    losses = train_transformer(components, latents, conditions, torch.zeros(1, 16, 3, 8, 8),
+                               ["a red circle walks", "a blue square runs"], config, "cpu", log_every=0)
+    assert len(losses) == 100
+    assert np.mean(losses[-20:]) < 0.85 * np.mean(losses[:20])
