@@ -46,8 +46,12 @@ def load_small_world_pipeline(adapter: bool = True, dtype: torch.dtype = torch.f
     adapter loaded unless ``adapter=False``."""
     from ..pipeline import StoryMemPipeline
 
+    from diffusers.pipelines import pipeline_utils
+
     _check(BASE_DIR, "model_index.json")
-    pipe = StoryMemPipeline.from_pretrained(BASE_DIR, torch_dtype=dtype)
+    # ``dtype`` where diffusers has it, ``torch_dtype`` before.
+    key = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+    pipe = StoryMemPipeline.from_pretrained(BASE_DIR, **{key: dtype})
     if adapter:
         _check(ADAPTER_DIR, "storymem_adapter.json")
         pipe.load_storymem_lora(ADAPTER_DIR)
