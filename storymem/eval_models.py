@@ -2,6 +2,8 @@
 
 * :class:`OpenCLIPVideoEncoder` - open_clip, a video's embedding is the mean of its frames' (the default);
 * :class:`ViCLIPEncoder` - ViCLIP (InternVid) from its released checkpoint, 8 frames per video;
+* :class:`PixelBagOfWordsEncoder` - not CLIP: pixel thumbnails for videos, a bag of words for texts, for
+  worlds CLIP does not know (the toy world) - cross-shot consistency only;
 * :class:`LaionAestheticScorer` - the LAION aesthetic predictor head on CLIP ViT-L/14 image embeddings;
 * :class:`HPSv3FrameScorer` - HPSv3 through :class:`storymem.memory.scorers.HPSv3Scorer`.
 
@@ -12,6 +14,7 @@ unexpected keys are named.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -29,6 +32,7 @@ __all__ = [
     "HPSv3FrameScorer",
     "LaionAestheticScorer",
     "OpenCLIPVideoEncoder",
+    "PixelBagOfWordsEncoder",
     "ViCLIPEncoder",
     "ViCLIPVisionTransformer",
     "VideoTextEncoder",
@@ -53,7 +57,9 @@ class VideoTextEncoder(Protocol):
     """A joint video-text embedding space.
 
     `name` describes the model (it is written into the report). `num_frames`, when not None, is the exact
-    number of frames the model takes per video (ViCLIP: 8); None lets the evaluator choose.
+    number of frames the model takes per video (ViCLIP: 8); None lets the evaluator choose. An encoder whose
+    video and text embeddings do not share one space says so with ``aligned = False`` (then video-text
+    similarities, i.e. prompt following, are not computed).
     """
 
     name: str
@@ -136,6 +142,51 @@ class OpenCLIPVideoEncoder:
     @torch.no_grad()
     def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
         return _normalize(self.embedder.embed_text(list(texts)))
+
+
+class PixelBagOfWordsEncoder:
+    """A video-text encoder that is not CLIP: for worlds CLIP has never seen (the toy world) and for tests.
+
+    A video's embedding is the mean of its frames' :class:`~storymem.memory.embedders.PixelEmbedder`
+    embeddings (centred ``size`` x ``size`` RGB thumbnails), re-normalised; a text's is its normalised bag of
+    words over ``vocabulary`` (lower-cased letter runs; other words are ignored). The two sit in separate
+    blocks of one vector, so video-video similarities (cross-shot consistency) and text-text similarities
+    (top-k prompt pairing) are meaningful, and every video-text similarity is 0: ``aligned`` is False and the
+    evaluator skips prompt following.
+    """
+
+    num_frames = None
+    aligned = False
+
+    def __init__(self, vocabulary: Sequence[str], size: int = 16):
+        from storymem.memory.embedders import PixelEmbedder
+
+        words = list(dict.fromkeys(str(w).lower() for w in vocabulary))
+        if not words:
+            raise EvalError("PixelBagOfWordsEncoder needs a non-empty vocabulary")
+        self.vocabulary = {w: i for i, w in enumerate(words)}
+        self.embedder = PixelEmbedder(size=size)
+        self.name = f"not CLIP: pixel {size}x{size} thumbnails + bag of words over {len(words)} words"
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.embedder.embedding_dim + len(self.vocabulary)
+
+    @torch.no_grad()
+    def embed_video(self, frames: np.ndarray) -> torch.Tensor:
+        pixels = _normalize(self.embedder.embed(frames).mean(dim=0))
+        return torch.cat([pixels, torch.zeros(len(self.vocabulary))])
+
+    @torch.no_grad()
+    def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
+        counts = torch.zeros(len(texts), len(self.vocabulary))
+        for row, text in enumerate(texts):
+            for word in re.findall(r"[a-z]+", str(text).lower()):
+                column = self.vocabulary.get(word)
+                if column is not None:
+                    counts[row, column] += 1.0
+        # A text with no known word stays the zero vector: similar to nothing.
+        return torch.cat([torch.zeros(len(texts), self.embedder.embedding_dim), _normalize(counts)], dim=1)
 
 
 def clip_center_crop(frames: np.ndarray, size: int | tuple[int, int], chunk: int = 16) -> np.ndarray:

@@ -10,9 +10,10 @@ Metrics (StoryMem, ST-Bench):
 * **aesthetic quality**: the LAION aesthetic predictor on CLIP ViT-L/14 frame embeddings, divided by 10
   and averaged over each shot's frames, as VBench does (or HPSv3 when that is what is available).
 
-Video-text encoders sit behind `VideoTextEncoder`: open_clip with frame-averaged embeddings (default), or
-ViCLIP (the paper's encoder) from its released checkpoint. Frames are sampled like VBench: the video is cut
-into equal segments and the middle frame of each is taken.
+Video-text encoders sit behind `VideoTextEncoder`: open_clip with frame-averaged embeddings (default),
+ViCLIP (the paper's encoder) from its released checkpoint, or - where CLIP knows nothing of the pictures, as
+in the toy world - `PixelBagOfWordsEncoder` (not CLIP; cross-shot consistency only). Frames are sampled like
+VBench: the video is cut into equal segments and the middle frame of each is taken.
 
 Inputs are checked before any model is loaded (`collect_shots`); the report is printed as a table and
 written atomically as JSON with a shot x shot similarity chart beside it.
@@ -42,6 +43,7 @@ from storymem.eval_models import (  # noqa: F401  (re-exported: the evaluation A
     HPSv3FrameScorer,
     LaionAestheticScorer,
     OpenCLIPVideoEncoder,
+    PixelBagOfWordsEncoder,
     ViCLIPEncoder,
     VideoTextEncoder,
     clip_center_crop,
@@ -58,11 +60,14 @@ __all__ = [
     "HPSv3FrameScorer",
     "LaionAestheticScorer",
     "OpenCLIPVideoEncoder",
+    "PixelBagOfWordsEncoder",
     "ShotVideo",
     "ViCLIPEncoder",
     "VideoTextEncoder",
     "clip_center_crop",
     "collect_shots",
+    "consistency_pairs",
+    "cross_shot_consistency",
     "evaluate",
     "format_report",
     "load_aesthetic_head",
@@ -253,6 +258,40 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
+def consistency_pairs(prompt_sim: torch.Tensor, top_k: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(all shot pairs i < j, the `top_k` pairs whose prompts are most alike) from the [n, n] prompt similarity;
+    ties go to the earlier pair."""
+    n = prompt_sim.shape[0]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    ranked = sorted(pairs, key=lambda p: (-float(prompt_sim[p]), p))
+    return pairs, ranked[: min(top_k, len(pairs))]
+
+
+def cross_shot_consistency(
+    shot_frames: Sequence[np.ndarray],
+    prompts: Sequence[str],
+    encoder: VideoTextEncoder,
+    config: EvalConfig | None = None,
+) -> dict[str, Any]:
+    """Cross-shot consistency of shots already in memory (uint8 [N, H, W, 3] each), as `evaluate` computes it:
+    frames sampled the same way, mean video similarity over all pairs and over the `top_k` pairs whose
+    prompts are most alike. Returns ``{"all", "top_k", "top_k_pairs_used", "top_pairs"}`` (None when n < 2)."""
+    config = config or EvalConfig()
+    if len(shot_frames) != len(prompts):
+        raise EvalError(f"got {len(shot_frames)} shots but {len(prompts)} prompts")
+    count = encoder.num_frames or config.frames_per_shot
+    V = torch.stack([encoder.embed_video(f[sample_frame_indices(len(f), count)]).float().cpu() for f in shot_frames])
+    T = encoder.embed_text(list(prompts)).float().cpu()
+    video_sim = (V @ V.T).clamp(-1, 1)
+    pairs, top = consistency_pairs((T @ T.T).clamp(-1, 1), config.top_k)
+    return {
+        "all": _mean([float(video_sim[p]) for p in pairs]),
+        "top_k": _mean([float(video_sim[p]) for p in top]),
+        "top_k_pairs_used": len(top),
+        "top_pairs": [list(p) for p in top],
+    }
+
+
 def evaluate(
     inputs: EvalInputs,
     encoder: VideoTextEncoder,
@@ -302,17 +341,19 @@ def evaluate(
     T = encoder.embed_text(story.prompts).float().cpu()  # [n, D]
     video_sim = (V @ V.T).clamp(-1, 1)
     prompt_sim = (T @ T.T).clamp(-1, 1)
-    single = (V * T).sum(-1)
+    # Prompt following needs one space for videos and texts; an encoder without it says so.
+    aligned = getattr(encoder, "aligned", True)
+    single = (V * T).sum(-1) if aligned else None
+    if not aligned:
+        notes.append(f"{encoder.name}: videos and texts do not share one embedding space; prompt following is "
+                     "skipped")
     for i, row in enumerate(rows):
-        row["prompt_following"] = float(single[i])
+        row["prompt_following"] = float(single[i]) if aligned else None
         others = [float(video_sim[i, j]) for j in range(n) if j != i]
         row["consistency_mean"] = _mean(others)
 
-    # Cross-shot consistency over all pairs, and over the pairs whose prompts are most alike.
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    ranked = sorted(pairs, key=lambda p: (-float(prompt_sim[p]), p))
-    k = min(config.top_k, len(pairs))
-    top = ranked[:k]
+    pairs, top = consistency_pairs(prompt_sim, config.top_k)
+    k = len(top)
     if n < 2:
         notes.append("the story has one shot: cross-shot consistency is undefined")
     elif k < config.top_k:
@@ -320,7 +361,7 @@ def evaluate(
 
     # Global prompt following: the whole story as one video (shots end to end), sampled like one shot.
     global_score = None
-    if story.overview.strip():
+    if story.overview.strip() and aligned:
         wanted = sample_frame_indices(sum(frame_counts), global_count)
         offsets = np.cumsum([0] + frame_counts)
         collected = []
@@ -341,7 +382,7 @@ def evaluate(
     metrics = {
         "aesthetic_quality": _mean(aesthetic_scores) if aesthetic is not None else None,
         "prompt_following_global": global_score,
-        "prompt_following_single_shot": _mean(single.tolist()),
+        "prompt_following_single_shot": _mean(single.tolist()) if aligned else None,
         "cross_shot_consistency": _mean([float(video_sim[p]) for p in pairs]),
         "cross_shot_consistency_top_k": _mean([float(video_sim[p]) for p in top]),
     }
@@ -415,7 +456,8 @@ def format_report(report: dict[str, Any]) -> str:
         aesthetic = row.get("aesthetic")
         prompt = row["prompt"] if len(row["prompt"]) <= 48 else row["prompt"][:45] + "..."
         lines.append(
-            f"  {Path(row['file']).stem:<14}{row['prompt_following']:>8.4f}"
+            f"  {Path(row['file']).stem:<14}"
+            f"{'-' if row['prompt_following'] is None else format(row['prompt_following'], '.4f'):>8}"
             f"{'-' if row['consistency_mean'] is None else format(row['consistency_mean'], '.4f'):>10}"
             f"{'-' if aesthetic is None else format(aesthetic, '.4f'):>11}  {prompt}"
         )

@@ -6,15 +6,25 @@ The loop (DESIGN §2):
   ``--reference-images`` (MR2V: the images seed the memory and shot 1 is M2V on them); with none of these
   it is M2V with an empty memory (text only);
 * every later shot is M2V on the memory bank's frames; a shot whose ``cut`` is false continues the
-  previous one (MI2V from its last frame, or MM2V from its last 5 frames when the adapter was trained so);
+  previous one (MI2V from its last frame, or MM2V from its last 5 frames when the adapter was trained so;
+  ``--continuation none`` starts every shot afresh instead);
 * after each shot :class:`~storymem.memory.KeyframeSelector` picks keyframes (deduplicated against the
-  whole memory history) and they join the bank.
+  whole memory history) and they join the bank. ``--memory-source first-frame`` puts only each shot's first
+  frame into the bank instead (same sink + window), ``--memory-source none`` uses no memory at all
+  (independent shots); both are ablations.
 
 Outputs in ``--out``: ``shots/SS_NN.mp4``, ``story.mp4``, ``keyframes/SS_NN/fFFF.png``, the bank after each
 shot (``memory/after_SS_NN/``), sample thumbnails, ``manifest.json``, ``contact_sheet.png`` and
 ``index.html``. The manifest lists finished shots only and is replaced (atomically) after a shot's files
 are complete, so an interrupted render resumes with the same command; ``--from-shot K`` re-renders from
 shot K on, restoring the memory saved after shot K-1.
+
+Several stories with one loaded model (experiments)::
+
+    pipe = load_render_pipeline(options)          # base + adapter, placed on the device
+    selector = build_selector(options)            # keyframe embedder / aesthetic scorer
+    for story, out in jobs:
+        render_story(story, dataclasses.replace(options, out_dir=out), pipe=pipe, selector=selector)
 
 Every input is checked before any model loads and before the output folder is touched; a bad input is a
 :class:`RenderError` (exit code 2) naming the file, shot or flag at fault.
@@ -51,9 +61,13 @@ __all__ = [
     "StoryRenderer",
     "TOY_DEFAULTS",
     "DEMO_STORY",
+    "MEMORY_SOURCES",
+    "CONTINUATIONS",
     "build_parser",
+    "build_selector",
     "enable_context_parallel",
     "load_pipeline",
+    "load_render_pipeline",
     "load_t2v_pipeline",
     "load_toy_pipeline",
     "main",
@@ -63,7 +77,10 @@ __all__ = [
 
 DEMO_STORY = Path(__file__).resolve().parent / "toy" / "stories" / "demo.json"
 DEFAULT_BASE = "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
-TOY_SEED = 0  # weights of the built-in tiny model
+TOY_SEED = 0  # weights of the built-in random tiny model
+# Built-in bases: the small world's trained model (shipped in storymem/toy/weights) and random weights of the same
+# classes at test sizes. "--lora toy" is the small world's M2V adapter.
+BUILTIN_BASES = ("toy", "tiny")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "storymem-render"
 MANIFEST_VERSION = 1
@@ -71,11 +88,20 @@ SAMPLES_PER_SHOT = 6
 SAMPLE_HEIGHT = 144
 
 # The built-in tiny model renders at CPU-friendly sizes; these replace the release defaults when --base toy.
-TOY_DEFAULTS = dict(area=64 * 64, frames=17, steps=8, embedder="pixel", aesthetic="none")
+# Toy models learn the empty prompt as the unconditional one (Wan's negative prompt is all unknown words to
+# the toy tokenizer).
+TOY_SIZE = 64  # the small world's model is trained on 64x64 clips
+TOY_DEFAULTS = dict(area=64 * 64, frames=17, steps=8, shift=3.0, embedder="pixel", aesthetic="none",
+                    negative_prompt="")
 # Wan2.2-T2V-A14B's own sampling defaults (its config: shift 12, guidance 4.0 high-noise / 3.0 low-noise).
 T2V_DEFAULTS = dict(shift=12.0, guidance=4.0, guidance_2=3.0)
 
 SHOT_MODES = ("t2v", "i2v", "m2v", "mi2v", "mm2v")
+# What the memory bank receives after each shot: the selected keyframes (the release), the shot's first frame
+# only, or nothing (every shot is generated without memory).
+MEMORY_SOURCES = ("keyframes", "first-frame", "none")
+# How a cut:false shot continues the previous one; "none": it does not (it starts from text and memory).
+CONTINUATIONS = ("auto", "mi2v", "mm2v", "none")
 
 
 class RenderError(ValueError):
@@ -90,6 +116,8 @@ class RenderOptions:
     Fields that change the pixels (see :meth:`settings`) are recorded in the manifest; a resumed render
     must use the same values. ``height``/``width`` of None: from ``area`` and the aspect ratio of the
     conditioning image (first image or first reference image; 480x832 landscape without one).
+    ``negative_prompt`` of None: Wan's (an empty string is used as given). ``memory_source``: one of
+    :data:`MEMORY_SOURCES`; ``continuation``: one of :data:`CONTINUATIONS`.
     """
 
     out_dir: Path = Path("outputs/story")
@@ -118,6 +146,7 @@ class RenderOptions:
     sink: int = 3
     memory_rope: Optional[str] = None
     continuation: str = "auto"
+    memory_source: str = "keyframes"
     embedder: str = "ViT-B-32:openai"
     aesthetic: str = "hpsv3"
     hpsv3_checkpoint: Optional[str] = None
@@ -133,7 +162,8 @@ class RenderOptions:
 
     @property
     def is_toy(self) -> bool:
-        return self.base == "toy"
+        """A built-in CPU-sized model: the small world's trained base ("toy") or random weights ("tiny")."""
+        return self.base in BUILTIN_BASES
 
     def settings(self) -> dict:
         """The options that decide the pixels, as JSON values (what a resumed render must match)."""
@@ -161,6 +191,7 @@ class RenderOptions:
             "sink": self.sink,
             "memory_rope": self.memory_rope,
             "continuation": self.continuation,
+            "memory_source": self.memory_source,
             "embedder": self.embedder,
             "aesthetic": self.aesthetic,
             "hpsv3_checkpoint": self.hpsv3_checkpoint if self.aesthetic == "hpsv3" else None,
@@ -211,17 +242,27 @@ def _dtype_kwargs(dtype) -> dict:
     return {"dtype": dtype} if hasattr(pipeline_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
-def load_toy_pipeline(seed: int = TOY_SEED):
-    """The built-in tiny model (tests, ``--demo``): a :class:`~storymem.StoryMemPipeline` on CPU-sized Wan
-    components. This is the one place that decides the toy weights."""
-    from .pipeline import StoryMemPipeline
-    from .toy.models import build_tiny_components
+def load_toy_pipeline(base: str = "toy"):
+    """A built-in CPU-sized :class:`~storymem.StoryMemPipeline` without adapter: ``"toy"``, the small world's
+    trained base (``--demo``), or ``"tiny"``, random weights of the same classes (tests, smoke runs). This is the
+    one place that decides the built-in weights."""
+    if base == "tiny":
+        from .pipeline import StoryMemPipeline
+        from .toy.models import build_tiny_components
 
-    return StoryMemPipeline(**build_tiny_components(seed=seed))
+        return StoryMemPipeline(**build_tiny_components(seed=TOY_SEED))
+    if base != "toy":
+        raise RenderError(f"unknown built-in base {base!r}; expected one of {', '.join(BUILTIN_BASES)}")
+    from .toy.pretrained import SmallWorldWeightsError, load_small_world_pipeline
+
+    try:
+        return load_small_world_pipeline(adapter=False)
+    except SmallWorldWeightsError as err:
+        raise RenderError(str(err)) from None
 
 
 def load_pipeline(options: RenderOptions, shared: Optional[dict] = None):
-    """The StoryMem pipeline of ``options.base`` ("toy", a Wan2.2-I2V diffusers folder or hub id) in the
+    """The StoryMem pipeline of ``options.base`` ("toy", "tiny", a Wan2.2-I2V diffusers folder or hub id) in the
     requested dtype (VAE in float32, as diffusers' Wan examples), with its UniPC shift set. ``shared``:
     already loaded components (text encoder, tokenizer, VAE of the T2V model, which are the same models)."""
     import torch
@@ -231,7 +272,7 @@ def load_pipeline(options: RenderOptions, shared: Optional[dict] = None):
 
     dtype = _torch_dtype(options.resolved_dtype())
     if options.is_toy:
-        pipe = load_toy_pipeline()
+        pipe = load_toy_pipeline(options.base)
         if dtype != torch.float32:
             for name in ("transformer", "transformer_2", "text_encoder"):
                 model = getattr(pipe, name)
@@ -245,6 +286,20 @@ def load_pipeline(options: RenderOptions, shared: Optional[dict] = None):
         pipe = StoryMemPipeline.from_pretrained(options.base, **_dtype_kwargs(dtype), **components)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=options.shift)
     return pipe
+
+
+def load_render_pipeline(options: RenderOptions, shared: Optional[dict] = None, device: Optional[str] = None):
+    """The pipeline a render of ``options`` runs: :func:`load_pipeline`, the ``--lora`` adapter, the attention
+    backend, placed on ``device`` (default: the options') or offloaded there. Load it once and hand it to
+    several renders (``render_story(..., pipe=pipe)``); context parallelism is left to the renderer."""
+    pipe = load_pipeline(options, shared=shared)
+    if options.lora:
+        _load_adapter(pipe, options.lora)
+    if options.attention_backend and options.parallel == "none":
+        for model in (pipe.transformer, pipe.transformer_2):
+            if model is not None:
+                model.set_attention_backend(options.attention_backend)
+    return _place(pipe, options, device or options.resolved_device())
 
 
 def load_t2v_pipeline(options: RenderOptions):
@@ -303,8 +358,10 @@ def enable_context_parallel(pipe, parallel: str = "ulysses", world_size: Optiona
     return pipe
 
 
-def _build_selector(options: RenderOptions, device: str):
-    """KeyframeSelector from --embedder / --aesthetic (models load lazily, on the first shot's selection)."""
+def build_selector(options: RenderOptions, device: Optional[str] = None):
+    """KeyframeSelector from --embedder / --aesthetic / --keyframe-threshold. Its models load lazily, on the
+    first selection, and stay with the selector: hand one selector to several renders to load them once."""
+    device = device or options.resolved_device()
     from .memory import KeyframeSelector, NullScorer, OpenCLIPEmbedder, PixelEmbedder
 
     spec = options.embedder
@@ -516,8 +573,10 @@ def _validate_options(options: RenderOptions, story) -> None:
         raise RenderError(f"--sink {o.sink}: must be between 0 and --max-memory ({o.max_memory})")
     if o.memory_rope not in (None, "negative", "contiguous"):
         raise RenderError(f"--memory-rope {o.memory_rope!r}: must be 'negative' or 'contiguous'")
-    if o.continuation not in ("auto", "mi2v", "mm2v"):
-        raise RenderError(f"--continuation {o.continuation!r}: must be auto, mi2v or mm2v")
+    if o.continuation not in CONTINUATIONS:
+        raise RenderError(f"--continuation {o.continuation!r}: must be one of {', '.join(CONTINUATIONS)}")
+    if o.memory_source not in MEMORY_SOURCES:
+        raise RenderError(f"--memory-source {o.memory_source!r}: must be one of {', '.join(MEMORY_SOURCES)}")
     if o.continuation == "mm2v" and o.frames < 9:
         raise RenderError(f"--frames {o.frames}: MM2V continuations drop 5 frames; use at least 9")
     if o.aesthetic not in ("hpsv3", "none"):
@@ -535,13 +594,18 @@ def _validate_options(options: RenderOptions, story) -> None:
                                        ("--reference-images", o.reference_images)) if value]
     if len(starts) > 1:
         raise RenderError(f"{' and '.join(starts)} both decide how shot 1 starts; pass only one")
+    if o.reference_images and o.memory_source == "none":
+        raise RenderError("--reference-images seed the memory, but --memory-source none renders without memory; "
+                          "drop one of them")
     if len(o.reference_images) > o.max_memory:
         raise RenderError(f"--reference-images: {len(o.reference_images)} images do not fit --max-memory "
                           f"{o.max_memory}")
     for flag, value in (("--base", o.base), ("--lora", o.lora), ("--t2v-model", o.t2v_model)):
-        if value and value != "toy" and _looks_local(value) and not Path(value).exists():
+        if value and value not in BUILTIN_BASES and _looks_local(value) and not Path(value).exists():
             raise RenderError(f"{flag} {value}: not found")
-    if o.base == "toy" and o.t2v_model:
+    if o.lora == "tiny":
+        raise RenderError("--lora tiny: there is no random adapter; --lora toy is the small world's adapter")
+    if o.is_toy and o.t2v_model:
         raise RenderError("--t2v-model needs a real --base (the toy model has no T2V counterpart)")
 
     import torch
@@ -575,7 +639,16 @@ def _looks_local(value: str) -> bool:
 
 
 def _load_adapter(pipe, value: str):
-    """--lora: a local folder, a hub id, or 'org/name/subfolder' for one variant of a hub repository."""
+    """--lora: a local folder, a hub id, 'org/name/subfolder' for one variant of a hub repository, or "toy" (the
+    small world's adapter)."""
+    if value == "toy":
+        from .toy.pretrained import ADAPTER_DIR, SmallWorldWeightsError, _check
+
+        try:
+            _check(ADAPTER_DIR, "storymem_adapter.json")
+        except SmallWorldWeightsError as err:
+            raise RenderError(str(err)) from None
+        return pipe.load_storymem_lora(ADAPTER_DIR)
     parts = value.split("/")
     if Path(value).exists() or _looks_local(value) or len(parts) <= 2:
         return pipe.load_storymem_lora(value)
@@ -589,8 +662,11 @@ def _default_size(options: RenderOptions, image: Optional[np.ndarray]) -> tuple[
     return size_from_area(aspect, area=options.area, multiple=16)
 
 
-def prepare(story, options: RenderOptions) -> _Plan:
-    """Validate everything (no model loads, nothing written) and work out where the render starts."""
+def prepare(story, options: RenderOptions, selector=None) -> _Plan:
+    """Validate everything (no model loads, nothing written) and work out where the render starts.
+
+    ``selector``: a :class:`~storymem.memory.KeyframeSelector` to use (e.g. one shared by several renders);
+    default: built from the options when the memory takes keyframes."""
     _validate_options(options, story)
     first_image = _read_image(Path(options.first_image), "--first-image") if options.first_image else None
     references = [_read_image(Path(p), "--reference-images entry") for p in options.reference_images]
@@ -599,7 +675,8 @@ def prepare(story, options: RenderOptions) -> _Plan:
                                                       (references[0] if references else None))
         if options.parallel != "none":
             _validate_options(options, story)  # the token split check needs the size
-    selector = _build_selector(options, options.resolved_device())
+    if selector is None and options.memory_source == "keyframes":
+        selector = build_selector(options)
 
     out_dir = Path(options.out_dir)
     previous = _check_output_dir(out_dir, options.force)
@@ -607,7 +684,8 @@ def prepare(story, options: RenderOptions) -> _Plan:
     start, bank = 0, None
     if previous is not None:
         finished = _finished_shots(previous, out_dir, story)
-        diffs = _diff_settings(previous.get("settings", {}), options.settings())
+        # Renders recorded before --memory-source existed took keyframes.
+        diffs = _diff_settings({"memory_source": "keyframes", **previous.get("settings", {})}, options.settings())
         if _story_key(previous.get("story", {})) != _story_key(story.to_dict()):
             diffs.insert(0, "story: the shots (prompts, cuts or scenes) differ")
         if from_index is not None:
@@ -672,8 +750,10 @@ class StoryRenderer:
 
     Args:
         plan: from :func:`prepare`.
-        pipe: an already loaded :class:`~storymem.StoryMemPipeline` (then ``--base``/``--lora``/placement
-            are the caller's business); default: loaded from the options.
+        pipe: an already loaded :class:`~storymem.StoryMemPipeline` (e.g. from :func:`load_render_pipeline`,
+            shared by several renders; then ``--base``/``--lora``/placement are the caller's business). The
+            render sets its UniPC scheduler's shift to ``options.shift`` and passes ``options.memory_rope`` with
+            each call, so one render's options do not leak into the next. Default: loaded from the options.
     """
 
     def __init__(self, plan: _Plan, pipe=None):
@@ -723,20 +803,18 @@ class StoryRenderer:
         t0 = time.perf_counter()
         if self.pipe is None:
             self._log(f"loading {self.options.base}" + (f" + adapter {self.options.lora}" if self.options.lora else ""))
-            self.pipe = load_pipeline(self.options, shared=shared)
-            if self.options.lora:
-                self.adapter = _load_adapter(self.pipe, self.options.lora)
-            if self.options.attention_backend and self.options.parallel == "none":
-                for model in (self.pipe.transformer, self.pipe.transformer_2):
-                    if model is not None:
-                        model.set_attention_backend(self.options.attention_backend)
-            _place(self.pipe, self.options, self.device)
+            self.pipe = load_render_pipeline(self.options, shared=shared, device=self.device)
             if self.options.parallel != "none":
                 self._enable_context_parallel(self.pipe)
         else:
-            self.adapter = getattr(self.pipe, "storymem_adapter", None)
-        if self.options.memory_rope:
-            self.pipe.memory_rope = self.options.memory_rope
+            from diffusers import UniPCMultistepScheduler
+
+            # The shift is a render setting; another scheduler type is the caller's choice and stays.
+            scheduler = self.pipe.scheduler
+            if isinstance(scheduler, UniPCMultistepScheduler) and scheduler.config.flow_shift != self.options.shift:
+                self.pipe.scheduler = UniPCMultistepScheduler.from_config(self.pipe.scheduler.config,
+                                                                          flow_shift=self.options.shift)
+        self.adapter = getattr(self.pipe, "storymem_adapter", None)
         self.pipe.set_progress_bar_config(desc="denoising", leave=False, disable=not (self.options.progress
                                                                                      and self.is_main))
         self.timings["load_s"] = self.timings.get("load_s", 0.0) + time.perf_counter() - t0
@@ -746,10 +824,16 @@ class StoryRenderer:
 
     @property
     def continuation_mode(self) -> str:
+        """How cut:false shots continue the previous one: mi2v, mm2v, or none (they start afresh)."""
         if self.options.continuation != "auto":
             return self.options.continuation
         conditioning = getattr(self.adapter, "conditioning", None)
         return "mm2v" if conditioning == "mm2v" else "mi2v"
+
+    @property
+    def memory_rope(self) -> Optional[str]:
+        """Where memory frames sit in time: the option, else the loaded adapter's (the pipeline's default)."""
+        return self.options.memory_rope or getattr(self.pipe, "memory_rope", None)
 
     # ------------------------------------------------------------------ per shot
     def mode_for(self, shot) -> str:
@@ -760,7 +844,9 @@ class StoryRenderer:
             if self.options.first_image:
                 return "i2v"
             return "m2v"
-        return "m2v" if shot.cut else self.continuation_mode
+        if shot.cut or self.continuation_mode == "none":
+            return "m2v"
+        return self.continuation_mode
 
     def _generate(self, shot, mode: str, bank, seed: int, t2v=None) -> tuple[np.ndarray, list]:
         """Frames (uint8 [N, H, W, 3]) of one shot and the memory entries it was conditioned on."""
@@ -770,7 +856,9 @@ class StoryRenderer:
         generator = torch.Generator("cpu").manual_seed(seed)
         from .pipeline import WAN_NEGATIVE_PROMPT
 
-        common = dict(prompt=shot.prompt, negative_prompt=o.negative_prompt or WAN_NEGATIVE_PROMPT,
+        # An explicit empty negative prompt is a choice (the toy models' unconditional prompt), not a default.
+        negative = WAN_NEGATIVE_PROMPT if o.negative_prompt is None else o.negative_prompt
+        common = dict(prompt=shot.prompt, negative_prompt=negative,
                       height=o.height, width=o.width, num_frames=o.frames, num_inference_steps=o.steps,
                       generator=generator, output_type="np")
         entries: list = []
@@ -783,8 +871,11 @@ class StoryRenderer:
 
                 kwargs.update(first_frame=Image.fromarray(self.plan.first_image), drop_context_frames=False)
             else:
-                entries = bank.entries()
-                kwargs["memory_images"] = [e.frame for e in entries]
+                if o.memory_source != "none":
+                    entries = bank.entries()
+                    kwargs["memory_images"] = [e.frame for e in entries]
+                    if o.memory_rope:
+                        kwargs["memory_rope"] = o.memory_rope
                 if mode == "mi2v":
                     kwargs["first_frame"] = bank.last_frame
                 elif mode == "mm2v":
@@ -797,8 +888,15 @@ class StoryRenderer:
         return frames, entries
 
     def _select_keyframes(self, frames: np.ndarray, bank):
-        """(indices, embeddings) of the new keyframes; chosen on rank 0 and shared, so every rank's memory
-        (and with it every rank's sequence length) stays identical."""
+        """(indices, embeddings) of the frames the memory receives: the keyframes, chosen on rank 0 and shared,
+        so every rank's memory (and with it every rank's sequence length) stays identical; or the first frame
+        (``--memory-source first-frame``); or none."""
+        source = self.options.memory_source
+        if source == "none":
+            return [], None
+        if source == "first-frame":
+            # No dedup: the bank's sink + window alone decide what a shot sees.
+            return [0], None
         indices, embeddings = None, None
         if self.is_main:
             selection = self.plan.selector.extract(frames, memory=bank.history_embeddings(self.plan.selector.embedder))
@@ -861,8 +959,8 @@ class StoryRenderer:
             manifest = self._new_manifest()
         manifest["runtime"] = {
             "device": self.device, "offload": self.options.offload, "parallel": self.options.parallel,
-            "world_size": self.world_size, "memory_rope": getattr(self.pipe, "memory_rope", None),
-            "continuation": self.continuation_mode,
+            "world_size": self.world_size, "memory_rope": self.memory_rope,
+            "continuation": self.continuation_mode, "memory_source": self.options.memory_source,
             "adapter": None if self.adapter is None else {
                 k: v for k, v in dataclasses.asdict(self.adapter).items() if k != "target_modules"},
         }
@@ -1039,15 +1137,17 @@ class StoryRenderer:
         return frames, shared
 
 
-def render_story(story, options: RenderOptions, pipe=None) -> dict:
+def render_story(story, options: RenderOptions, pipe=None, selector=None) -> dict:
     """Validate, then render ``story`` (a :class:`~storymem.story.Story` or a path) into ``options.out_dir``.
 
-    Returns the manifest. ``pipe``: an already loaded StoryMemPipeline to use instead of loading one."""
+    Returns the manifest. ``pipe``: an already loaded StoryMemPipeline to use instead of loading one (see
+    :func:`load_render_pipeline`); ``selector``: an already built keyframe selector (see
+    :func:`build_selector`). Both let several renders share their models."""
     from .story import Story, load_story
 
     if not isinstance(story, Story):
         story = load_story(story)
-    return StoryRenderer(prepare(story, options), pipe=pipe).run()
+    return StoryRenderer(prepare(story, options, selector=selector), pipe=pipe).run()
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -1060,7 +1160,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("story and output")
     g.add_argument("--story", help="story script: ST-Bench JSON, a JSON list of prompts, or a .txt (one prompt a line)")
     g.add_argument("--demo", action="store_true",
-                   help="render the bundled demo story with the built-in tiny model on the CPU (--base toy)")
+                   help="render the bundled demo story with the small world's trained model and its M2V adapter on "
+                        "the CPU (--base toy --lora toy)")
     g.add_argument("--out", help="output folder (default: outputs/<story file name>, or storymem_demo for --demo)")
     g.add_argument("--from-shot", help="re-render from this shot on (number 1..N or file stem like 02_01), "
                                        "restoring the memory saved after the previous shot")
@@ -1069,9 +1170,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     g = p.add_argument_group("models")
-    g.add_argument("--base", help=f"Wan2.2-I2V diffusers folder or hub id, or 'toy' (default: {DEFAULT_BASE})")
+    g.add_argument("--base", help="Wan2.2-I2V diffusers folder or hub id; 'toy' (the small world's trained model) or "
+                                  f"'tiny' (random weights, smoke runs) (default: {DEFAULT_BASE})")
     g.add_argument("--lora", help="StoryMem adapter: storymem adapter folder, published Wan2.2-MI2V-A14B / "
-                                  "Wan2.2-MM2V-A14B folder, or hub id")
+                                  "Wan2.2-MM2V-A14B folder, hub id, or 'toy' (the small world's adapter)")
     g.add_argument("--t2v-model", help="Wan2.2-T2V-A14B diffusers folder or hub id for the first shot")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype (auto: bfloat16 on CUDA, float32 for the toy model or on CPU); the VAE "
@@ -1099,8 +1201,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help="denoising steps (default 40; toy 8)")
     g.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance (high-noise expert)")
     g.add_argument("--guidance-2", type=float, help="guidance of the low-noise expert (default: --guidance)")
-    g.add_argument("--shift", type=float, default=4.0, help="UniPC flow shift")
-    g.add_argument("--negative-prompt", help="default: Wan's negative prompt")
+    g.add_argument("--shift", type=float, help="UniPC flow shift (default 4.0; toy 3.0)")
+    g.add_argument("--negative-prompt", help="default: Wan's negative prompt (toy: the empty prompt); pass '' "
+                                             "for none")
     g.add_argument("--t2v-shift", type=float, default=T2V_DEFAULTS["shift"], help="flow shift of the T2V model")
     g.add_argument("--t2v-guidance", type=float, default=T2V_DEFAULTS["guidance"],
                    help="T2V guidance, high-noise expert")
@@ -1114,8 +1217,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-memory", type=int, default=10, help="memory frames a shot sees at most")
     g.add_argument("--sink", type=int, default=3, help="oldest memory frames always kept")
     g.add_argument("--memory-rope", choices=["negative", "contiguous"], help="default: the adapter's")
-    g.add_argument("--continuation", default="auto", choices=["auto", "mi2v", "mm2v"],
-                   help="how a cut:false shot continues the previous one (auto: the adapter's conditioning)")
+    g.add_argument("--continuation", default="auto", choices=list(CONTINUATIONS),
+                   help="how a cut:false shot continues the previous one (auto: the adapter's conditioning; "
+                        "none: it starts from its prompt and the memory, like a cut)")
+    g.add_argument("--memory-source", default="keyframes", choices=list(MEMORY_SOURCES),
+                   help="what the memory bank receives after each shot: the selected keyframes, only the "
+                        "shot's first frame, or nothing (every shot without memory)")
     g.add_argument("--embedder", help="keyframe similarity: open_clip 'MODEL:TAG' or 'MODEL:CHECKPOINT', a "
                                       "local checkpoint (ViT-B-32), 'hf-hub:...', or 'pixel' (default "
                                       "ViT-B-32:openai; toy: pixel)")
@@ -1135,32 +1242,36 @@ def options_from_args(args: argparse.Namespace) -> tuple[Any, RenderOptions]:
         raise RenderError("pass --story or --demo, not both")
     if not args.demo and not args.story:
         raise RenderError("no story: pass --story FILE (or --demo for the bundled demo)")
-    if args.demo and args.base not in (None, "toy"):
-        raise RenderError("--demo renders with the built-in tiny model; drop --base or use --story")
+    if args.demo and args.base not in (None, *BUILTIN_BASES):
+        raise RenderError("--demo renders with the small world's built-in model; drop --base or use --story")
     story_path = DEMO_STORY if args.demo else Path(args.story)
     story = load_story(story_path)
 
-    base = "toy" if args.demo else (args.base or DEFAULT_BASE)
-    toy = base == "toy"
+    base = (args.base or "toy") if args.demo else (args.base or DEFAULT_BASE)
+    toy = base in BUILTIN_BASES
+    # The demo is the small world's model with its M2V adapter; the toy model draws 64x64 squares.
+    lora = args.lora or ("toy" if args.demo and base == "toy" else None)
+    square = toy and args.height is None and args.width is None and args.area is None
     default_out = "storymem_demo" if args.demo else str(Path("outputs") / story_path.stem)
     options = RenderOptions(
         out_dir=Path(args.out or default_out),
         base=base,
-        lora=args.lora,
+        lora=lora,
         t2v_model=args.t2v_model,
         first_image=Path(args.first_image) if args.first_image else None,
         reference_images=[Path(p) for p in args.reference_images],
         dtype=args.dtype,
-        height=args.height,
-        width=args.width,
+        height=TOY_SIZE if square else args.height,
+        width=TOY_SIZE if square else args.width,
         area=args.area or (TOY_DEFAULTS["area"] if toy else 832 * 480),
         frames=args.frames or (TOY_DEFAULTS["frames"] if toy else 81),
         fps=args.fps,
         steps=args.steps or (TOY_DEFAULTS["steps"] if toy else 40),
         guidance=args.guidance,
         guidance_2=args.guidance_2,
-        shift=args.shift,
-        negative_prompt=args.negative_prompt,
+        shift=args.shift if args.shift is not None else (TOY_DEFAULTS["shift"] if toy else 4.0),
+        negative_prompt=args.negative_prompt if args.negative_prompt is not None else (
+            TOY_DEFAULTS["negative_prompt"] if toy else None),
         t2v_shift=args.t2v_shift,
         t2v_guidance=args.t2v_guidance,
         t2v_guidance_2=args.t2v_guidance_2,
@@ -1170,6 +1281,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[Any, RenderOptions]:
         sink=args.sink,
         memory_rope=args.memory_rope,
         continuation=args.continuation,
+        memory_source=args.memory_source,
         embedder=args.embedder or (TOY_DEFAULTS["embedder"] if toy else "ViT-B-32:openai"),
         aesthetic=args.aesthetic or (TOY_DEFAULTS["aesthetic"] if toy else "hpsv3"),
         hpsv3_checkpoint=args.hpsv3_checkpoint,

@@ -1,5 +1,6 @@
 """Story rendering end to end on the tiny model: outputs, manifest, modes, resume, --from-shot, the demo."""
 
+import dataclasses
 import json
 import shutil
 
@@ -9,7 +10,7 @@ from PIL import Image
 
 from storymem import render
 from storymem.memory import MemoryBank
-from storymem.pipeline import StoryMemPipeline
+from storymem.pipeline import WAN_NEGATIVE_PROMPT, StoryMemPipeline
 from storymem.render import main
 from storymem.video import read_video
 
@@ -22,7 +23,7 @@ STORY = {
         {"scene_num": 2, "video_prompts": ["a blue square in a gray city at night"], "cut": [True]},
     ],
 }
-FAST = ["--base", "toy", "--height", "32", "--width", "32", "--frames", "5", "--steps", "1", "--no-progress",
+FAST = ["--base", "tiny", "--height", "32", "--width", "32", "--frames", "5", "--steps", "1", "--no-progress",
         "--device", "cpu"]
 
 
@@ -283,7 +284,7 @@ def test_first_image_is_plain_i2v_and_sets_the_aspect(tmp_path):
     image = _png(tmp_path / "first.png", size=(40, 80))
     out = tmp_path / "out"
     story = _story(tmp_path, {"prompts": ["a red circle", "a blue square"], "cuts": [True, False]}, name="s.json")
-    args = ["--story", str(story), "--out", str(out), "--base", "toy", "--area", str(32 * 64), "--frames", "5",
+    args = ["--story", str(story), "--out", str(out), "--base", "tiny", "--area", str(32 * 64), "--frames", "5",
             "--steps", "1", "--no-progress", "--first-image", str(image)]
     assert main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -296,7 +297,7 @@ def test_first_image_is_plain_i2v_and_sets_the_aspect(tmp_path):
 def test_mm2v_adapter_continues_with_motion_frames(tmp_path):
     from storymem.lora import StoryMemLoraConfig, add_storymem_adapter, save_storymem_lora
 
-    pipe = render.load_toy_pipeline()
+    pipe = render.load_toy_pipeline("tiny")
     config = StoryMemLoraConfig(rank=4, alpha=4.0, memory_rope="contiguous", conditioning="mm2v")
     for model in (pipe.transformer, pipe.transformer_2):
         add_storymem_adapter(model, config)
@@ -305,7 +306,7 @@ def test_mm2v_adapter_continues_with_motion_frames(tmp_path):
     out = tmp_path / "out"
     story = _story(tmp_path, {"prompts": ["a red circle", "the red circle walks"], "cuts": [True, False]},
                    name="s.json")
-    args = ["--story", str(story), "--out", str(out), "--base", "toy", "--height", "32", "--width", "32",
+    args = ["--story", str(story), "--out", str(out), "--base", "tiny", "--height", "32", "--width", "32",
             "--frames", "9", "--steps", "1", "--no-progress", "--lora", str(tmp_path / "adapter")]
     assert main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -376,3 +377,133 @@ def test_shot_seeds():
     story = Story.from_dict(STORY)
     assert [render.shot_seed(s, 10) for s in story] == [10, 11, 12]
     assert [render.shot_seed(s, 10, "scene") for s in story] == [10, 11, 10]
+
+
+# ---------------------------------------------------------------------------------------------- memory & continuation
+@pytest.fixture
+def spy(monkeypatch):
+    """Record every StoryMemPipeline call: its keyword arguments and the uint8 frames it returned."""
+    calls = []
+    original = StoryMemPipeline.__call__
+
+    def recorded(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        frames = np.round(np.clip(np.asarray(out.frames[0]), 0.0, 1.0) * 255.0).astype(np.uint8)
+        calls.append({"kwargs": kwargs, "frames": frames})
+        return out
+
+    monkeypatch.setattr(StoryMemPipeline, "__call__", recorded)
+    return calls
+
+
+FOUR_CUTS = {"prompts": ["a red circle", "a blue square", "a red circle again", "a green star"]}
+
+
+def test_negative_prompt_reaches_the_pipeline(tmp_path, spy):
+    one_shot = _story(tmp_path, {"prompts": ["a red circle"]}, name="one.json")
+    # The toy model's default is the empty prompt (its unconditional one), not Wan's.
+    assert main(_args(one_shot, tmp_path / "toy")) == 0
+    assert [c["kwargs"]["negative_prompt"] for c in spy] == [""]
+    story, options = render.options_from_args(render.build_parser().parse_args(
+        ["--story", str(one_shot), "--base", "org/model", "--negative-prompt", ""]))
+    assert options.negative_prompt == ""  # an explicit empty prompt survives for any base
+    story, options = render.options_from_args(render.build_parser().parse_args(
+        ["--story", str(one_shot), "--base", "org/model"]))
+    assert options.negative_prompt is None
+
+    # Programmatic renders: None means Wan's, "" is kept.
+    pipe = render.load_toy_pipeline("tiny")
+    for name, negative, expected in (("wan", None, WAN_NEGATIVE_PROMPT), ("empty", "", "")):
+        spy.clear()
+        options = render.RenderOptions(out_dir=tmp_path / name, base="tiny", negative_prompt=negative, height=32,
+                                       width=32, frames=5, steps=1, embedder="pixel", aesthetic="none", device="cpu",
+                                       progress=False)
+        render.render_story(one_shot, options, pipe=pipe)
+        assert spy[0]["kwargs"]["negative_prompt"] == expected
+
+
+def test_memory_source_none_gives_no_memory(tmp_path, spy):
+    out = tmp_path / "out"
+    story = _story(tmp_path, FOUR_CUTS, name="s.json")
+    assert main(_args(story, out, "--memory-source", "none")) == 0
+    assert len(spy) == 4
+    assert all(not c["kwargs"].get("memory_images") and c["kwargs"].get("memory_latents") is None for c in spy)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["memory_source"] == "none" and manifest["runtime"]["memory_source"] == "none"
+    assert all(s["memory"] == [] and s["keyframes"] == [] for s in manifest["shots"])
+
+
+def test_memory_source_first_frame_keeps_first_frames_through_sink_and_window(tmp_path, spy):
+    out = tmp_path / "out"
+    story = _story(tmp_path, FOUR_CUTS, name="s.json")
+    assert main(_args(story, out, "--memory-source", "first-frame", "--max-memory", "2", "--sink", "1")) == 0
+    firsts = [c["frames"][0] for c in spy]
+    # Shot 4 sees the sink (shot 1's first frame) and the window (shot 3's), not shot 2's.
+    expected = [[], [0], [0, 1], [0, 2]]
+    for call, wanted in zip(spy, expected):
+        memory = call["kwargs"].get("memory_images", [])
+        assert len(memory) == len(wanted)
+        for image, shot in zip(memory, wanted):
+            np.testing.assert_array_equal(image, firsts[shot])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["keyframes"] for s in manifest["shots"]] == [[{"frame": 0, "file": f"keyframes/{s['stem']}/f000.png"}]
+                                                           for s in manifest["shots"]]
+    assert [(m["shot"], m["frame"]) for m in manifest["shots"][3]["memory"]] == [(0, 0), (2, 0)]
+
+
+def test_continuation_none_starts_every_shot_afresh(tmp_path, spy):
+    out = tmp_path / "out"
+    assert main(_args(_story(tmp_path), out, "--continuation", "none")) == 0
+    assert all(c["kwargs"].get("first_frame") is None and c["kwargs"].get("motion_frames") is None for c in spy)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["mode"] for s in manifest["shots"]] == ["m2v", "m2v", "m2v"]
+    assert [s["num_frames"] for s in manifest["shots"]] == [5, 5, 5]  # nothing repeats a previous shot
+    assert manifest["shots"][1]["memory"]  # the memory is still there
+    assert manifest["runtime"]["continuation"] == "none"
+
+
+def test_changed_memory_source_is_refused_and_old_manifests_resume(rendered, tmp_path, monkeypatch, capsys):
+    story, out = _copy(rendered, tmp_path)
+    monkeypatch.setattr(render, "load_pipeline", _must_not_load)
+    assert json.loads((out / "manifest.json").read_text())["settings"]["memory_source"] == "keyframes"
+    assert main(_args(story, out, "--memory-source", "first-frame")) == 2
+    assert 'memory_source: "keyframes" -> "first-frame"' in capsys.readouterr().err
+    # A manifest written before the option existed counts as keyframes: it still resumes (nothing to do).
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["settings"]["memory_source"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert main(_args(story, out)) == 0
+
+
+def test_several_stories_share_one_pipeline(tmp_path, monkeypatch, spy):
+    pipe = render.load_toy_pipeline("tiny")
+    assert pipe.memory_rope == "negative"
+    options = render.RenderOptions(base="tiny", height=32, width=32, frames=5, steps=1, shift=3.0, embedder="pixel",
+                                   aesthetic="none", negative_prompt="", device="cpu", progress=False,
+                                   memory_rope="contiguous")
+    selector = render.build_selector(options)
+    monkeypatch.setattr(render, "load_pipeline", _must_not_load)
+    monkeypatch.setattr(render, "build_selector", _must_not_load)
+    monkeypatch.setattr(render, "load_toy_pipeline", _must_not_load)
+    for name, prompts in (("a", ["a red circle", "a blue square"]), ("b", ["a green star"])):
+        story = _story(tmp_path, {"prompts": prompts}, name=f"{name}.json")
+        manifest = render.render_story(story, dataclasses.replace(options, out_dir=tmp_path / name), pipe=pipe,
+                                       selector=selector)
+        assert manifest["finished"] and manifest["runtime"]["memory_rope"] == "contiguous"
+    assert len(spy) == 3 and spy[1]["kwargs"]["memory_rope"] == "contiguous"
+    assert pipe.memory_rope == "negative"  # the option went with each call; the pipeline is unchanged
+    assert pipe.scheduler.config.flow_shift == 3.0
+
+
+def test_bad_memory_options_are_render_errors(tmp_path):
+    from storymem.story import load_story
+
+    story = load_story(_story(tmp_path))
+    for change, expected in ((dict(memory_source="sometimes"), "--memory-source"),
+                             (dict(continuation="jump"), "--continuation"),
+                             (dict(memory_source="none", reference_images=[_png(tmp_path / "r.png")]),
+                              "without memory")):
+        options = render.RenderOptions(out_dir=tmp_path / "out", base="tiny", device="cpu", **change)
+        with pytest.raises(render.RenderError, match=expected):
+            render.prepare(story, options)
+    assert not (tmp_path / "out").exists()

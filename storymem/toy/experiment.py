@@ -1,0 +1,857 @@
+"""The small world's memory experiment: does StoryMem's visual memory keep a character consistent across shots?
+
+**Setting.** Held-out toy stories (:func:`~storymem.toy.datasets.make_story_set`, by default 20 stories of 6-8
+shots whose main characters no other story of the set uses; they are held out when the base and the adapter
+were trained on clips that exclude the set's identities, ``exclude=`` of the clip makers): a main character
+appears and is continued for a shot or two, another character takes over for a scene, then the main
+character *returns* in a new scene, and the two alternate. Many prompts do not name the character ("the same
+character spins around ..."), so only memory or continuation can tell the model who to draw. Every story is
+rendered shot by shot under each condition below, with the same seeds (shot seed = ``render_seed`` + shot
+index), and every shot is judged by the toy world's ground-truth :class:`~storymem.toy.detector.IdentityDetector`.
+
+**Conditions** (rows of the table; ``--conditions`` picks a subset):
+
+* ``ground_truth`` - reference renders of the ground truth (:func:`~storymem.toy.datasets.render_story_truth`),
+  written and read back as H.264 like every render: the detector's ceiling, no model;
+* ``independent`` - the base model alone, no adapter, no memory, no continuation: each shot from its prompt;
+* ``m2v`` - base + M2V adapter, keyframe memory with sink + window (render defaults: 10 frames, sink 3);
+* ``first_frame_memory`` - base + adapter, the memory holds each finished shot's first frame instead;
+* ``no_sink`` - base + adapter, sink 0 (a pure sliding window: the first shots fall out of memory);
+* ``contiguous_rope`` - base + an adapter trained with contiguous RoPE, rendered with contiguous RoPE (needs
+  ``--contiguous-adapter``; left out with a note when all conditions are asked for and none is given);
+* ``negative_adapter_contiguous_rope`` - the (negative-RoPE) ``--adapter`` rendered with contiguous RoPE: a
+  train/inference mismatch ablation.
+
+**Metrics** per condition, pooled over the shots (or shot pairs) of all stories:
+
+* ``identity`` - share of shots whose detected character (the most prominent one) is the ground-truth
+  identity (``truth/story_NNN.json`` ``shots[i].identity``); a shot with no detection counts as wrong;
+* ``returns`` - the same over the shots where the main character returns (``truth["returns"]``);
+* ``after 1st`` - the same over shots 2..N (shot 1 never has memory);
+* ``shape`` / ``colour`` / ``pattern`` / ``accessory`` - per-attribute accuracy;
+* ``self-cons.`` - share of shot pairs meant to show the same character whose detections are the same
+  character (all four attributes; needs no identity, only which shots share a character);
+* ``distinct`` - share of pairs meant to show different characters where both shots show a character and
+  the two differ (a model that draws one character everywhere scores 1 on self-consistency but 0 here);
+* ``pixel all`` / ``pixel top-10`` - ST-Bench cross-shot consistency computed by
+  :func:`storymem.evaluation.cross_shot_consistency` (what ``storymem eval`` reports) with a CLIP-free encoder,
+  :class:`~storymem.eval_models.PixelBagOfWordsEncoder` (pixel thumbnails for the shots, a bag of words over
+  the toy vocabulary to pick the 10 most similar prompt pairs); mean over stories;
+* ``s/shot`` - mean wall seconds of the pipeline call per shot, as the renderer times it (model loading
+  excluded, the first shot after loading included), on the device the table names.
+
+**Outputs** in ``OUT``: ``renders/<condition>/<story>/`` (render folders: an interrupted experiment resumes
+with the same command, finished stories are not rendered again), ``results.json`` (settings, per story per
+condition per shot detections, aggregates), ``results.md`` (the table) and ``contact_sheets/<condition>.png``
+(the first story). Every input is checked, and every render folder planned, before a model loads.
+
+    python benchmarks/toy_experiment.py --base runs/toy-base/base --adapter runs/m2v/adapter \\
+        --stories runs/toy-stories --out runs/experiment --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import platform
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+__all__ = [
+    "CONDITIONS",
+    "Condition",
+    "ExperimentConfig",
+    "ExperimentError",
+    "ExperimentPlan",
+    "StoryCase",
+    "aggregate_scores",
+    "build_parser",
+    "format_table",
+    "load_story_cases",
+    "main",
+    "plan_experiment",
+    "run_experiment",
+    "score_story",
+]
+
+RESULTS_FORMAT = "storymem-toy-experiment"
+RESULTS_VERSION = 1
+ATTRIBUTES = ("shape", "colour", "pattern", "accessory")
+TOP_K = 10
+TRUTH_MARKER = "truth_render.json"
+
+
+class ExperimentError(ValueError):
+    """Bad experiment input (stories, conditions, models, output folder), found before any model loads."""
+
+
+# ---------------------------------------------------------------------------------------------- conditions
+@dataclass(frozen=True)
+class Condition:
+    """One row of the experiment.
+
+    Attributes:
+        name: the row's name (``--conditions``).
+        description: what it is, for the table's notes.
+        adapter: which adapter it renders with: ``"adapter"`` (``--adapter``), ``"contiguous_adapter"``
+            (``--contiguous-adapter``) or None (the base alone).
+        render: :class:`~storymem.render.RenderOptions` fields that differ from the render defaults.
+        generated: False for the ground truth (no model).
+    """
+
+    name: str
+    description: str
+    adapter: Optional[str] = None
+    render: dict = field(default_factory=dict)
+    generated: bool = True
+
+
+CONDITIONS: dict[str, Condition] = {c.name: c for c in (
+    Condition("ground_truth", "reference renders of the ground truth: the detector's ceiling", generated=False),
+    Condition("independent", "base model, no adapter, no memory, no continuation: each shot from its prompt",
+              render=dict(memory_source="none", continuation="none")),
+    Condition("m2v", "base + adapter, keyframe memory with sink + window (max 10, sink 3)", adapter="adapter"),
+    Condition("first_frame_memory", "base + adapter, memory = the first frame of each shot", adapter="adapter",
+              render=dict(memory_source="first-frame")),
+    Condition("no_sink", "base + adapter, sink 0 (sliding window only)", adapter="adapter", render=dict(sink=0)),
+    Condition("contiguous_rope", "base + contiguous-RoPE adapter, rendered with contiguous RoPE",
+              adapter="contiguous_adapter", render=dict(memory_rope="contiguous")),
+    Condition("negative_adapter_contiguous_rope", "the negative-RoPE adapter rendered with contiguous RoPE "
+              "(mismatch)", adapter="adapter", render=dict(memory_rope="contiguous")),
+)}
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class ExperimentConfig:
+    """Settings of one experiment run (defaults: the toy rendering defaults of :mod:`storymem.render`).
+
+    ``height``/``width`` of None: a square of ``area`` (side rounded to a multiple of 16; the toy base models
+    are trained on square clips). ``shift`` of None: the base's own scheduler shift. ``conditions`` of None:
+    all of :data:`CONDITIONS`. Stories are made in ``stories`` when that folder is missing or empty
+    (``count``, ``story_seed``, ``num_shots``..``max_shots``); ``limit_stories`` takes the first K.
+    """
+
+    base: str
+    stories: Path
+    out: Path
+    adapter: Optional[str] = None
+    contiguous_adapter: Optional[str] = None
+    conditions: Optional[Sequence[str]] = None
+    device: Optional[str] = None
+    dtype: str = "auto"
+    area: int = 64 * 64
+    height: Optional[int] = None
+    width: Optional[int] = None
+    frames: int = 17
+    steps: int = 8
+    guidance: float = 3.5
+    shift: Optional[float] = None
+    render_seed: int = 0
+    count: int = 20
+    story_seed: int = 0
+    num_shots: int = 6
+    max_shots: int = 8
+    limit_stories: Optional[int] = None
+    progress: bool = True
+
+    def resolved_device(self) -> str:
+        if self.device:
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class StoryCase:
+    """A held-out story: its script (``story``, a :class:`~storymem.story.Story`) and ground truth."""
+
+    stem: str
+    name: str
+    path: Path
+    story: Any
+    truth: dict
+
+    @property
+    def identities(self) -> list[str]:
+        return [shot["identity"] for shot in self.truth["shots"]]
+
+
+@dataclass
+class ExperimentPlan:
+    """A validated experiment: what is rendered where, with which settings (built before any model loads)."""
+
+    config: ExperimentConfig
+    cases: list[StoryCase]
+    conditions: list[Condition]
+    skipped: dict[str, str]  # condition name -> why it is left out
+    notes: list[str]
+    height: int
+    width: int
+    shift: float
+    device: str
+    adapters: dict[str, dict]  # "adapter" / "contiguous_adapter" -> {"path", "memory_rope", "conditioning"}
+    jobs: dict[str, list[tuple[StoryCase, Any]]]  # condition -> (story, render plan) for generated rows
+
+    def render_dir(self, condition: str, case: StoryCase) -> Path:
+        return Path(self.config.out) / "renders" / condition / case.stem
+
+
+# ---------------------------------------------------------------------------------------------- stories
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExperimentError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExperimentError(f"{path}: cannot read {what} ({err})") from None
+
+
+def _check_truth(truth: Any, path: Path, num_shots: int) -> dict:
+    from .world import Character, WorldError
+
+    if not isinstance(truth, dict) or not isinstance(truth.get("shots"), list):
+        raise ExperimentError(f"{path}: not a toy story ground truth (no 'shots' list)")
+    if len(truth["shots"]) != num_shots:
+        raise ExperimentError(f"{path}: 'shots' has {len(truth['shots'])} entries but the story has {num_shots} "
+                              "shots")
+    for i, shot in enumerate(truth["shots"]):
+        if not isinstance(shot, dict):
+            raise ExperimentError(f"{path}: shots[{i}] is not an object")
+        for key in ("identity", "clip"):
+            if key not in shot:
+                raise ExperimentError(f"{path}: shots[{i}] has no {key!r}")
+        try:
+            Character.from_key(shot["identity"])
+        except WorldError as err:
+            raise ExperimentError(f"{path}: shots[{i}].identity: {err}") from None
+    returns = truth.get("returns", [])
+    if not isinstance(returns, list) or not all(isinstance(r, int) and 0 <= r < num_shots for r in returns):
+        raise ExperimentError(f"{path}: 'returns' must list shot indices 0..{num_shots - 1}, got {returns!r}")
+    return truth
+
+
+def load_story_cases(folder, limit: Optional[int] = None) -> list[StoryCase]:
+    """The stories of a :func:`~storymem.toy.datasets.make_story_set` folder (from its ``index.json``), each
+    script loaded and checked against its ground truth."""
+    from ..story import StoryError, load_story
+
+    folder = Path(folder)
+    index_path = folder / "index.json"
+    if not index_path.is_file():
+        raise ExperimentError(f"{folder}: holds no index.json, so it is not a toy story set; give a folder made "
+                              "by make_story_set, or a missing/empty one to make the stories there")
+    index = _read_json(index_path, "story index")
+    entries = index.get("stories") if isinstance(index, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ExperimentError(f"{index_path}: field 'stories' must be a non-empty list")
+    if limit is not None:
+        if limit < 1:
+            raise ExperimentError(f"--limit-stories {limit}: must be >= 1")
+        entries = entries[:limit]
+    cases = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("story"), str) or \
+                not isinstance(entry.get("truth"), str):
+            raise ExperimentError(f"{index_path}: stories[{i}] needs 'story' and 'truth' paths")
+        script = folder / entry["story"]
+        try:
+            story = load_story(script)
+        except StoryError as err:
+            raise ExperimentError(f"{index_path}: stories[{i}]: {err}") from None
+        truth_path = folder / entry["truth"]
+        truth = _check_truth(_read_json(truth_path, "ground truth"), truth_path, len(story))
+        cases.append(StoryCase(stem=script.stem, name=entry.get("name") or story.name, path=script, story=story,
+                               truth=truth))
+    stems = [c.stem for c in cases]
+    if len(set(stems)) != len(stems):
+        raise ExperimentError(f"{index_path}: two stories share a file name; render folders would collide")
+    return cases
+
+
+def ensure_stories(config: ExperimentConfig) -> list[StoryCase]:
+    """The experiment's stories; made first when ``config.stories`` is missing or empty."""
+    from .datasets import DatasetError, make_story_set
+
+    folder = Path(config.stories)
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        try:
+            make_story_set(folder, count=config.count, seed=config.story_seed, num_shots=config.num_shots,
+                           max_shots=config.max_shots)
+        except DatasetError as err:
+            raise ExperimentError(f"cannot make the stories in {folder}: {err}") from None
+    elif not folder.is_dir():
+        raise ExperimentError(f"{folder}: --stories is not a folder")
+    return load_story_cases(folder, config.limit_stories)
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def resolve_conditions(names: Optional[Sequence[str]], adapter: Optional[str],
+                       contiguous_adapter: Optional[str]) -> tuple[list[Condition], dict[str, str]]:
+    """(conditions to run, {skipped condition: why}). With ``names`` None every condition runs that can: the
+    contiguous-RoPE row is skipped without ``--contiguous-adapter``. Named conditions must be runnable."""
+    given = {"adapter": adapter, "contiguous_adapter": contiguous_adapter}
+    flags = {"adapter": "--adapter", "contiguous_adapter": "--contiguous-adapter"}
+    skipped: dict[str, str] = {}
+    if names is None:
+        chosen = list(CONDITIONS.values())
+        if not adapter:
+            raise ExperimentError("--adapter is needed for the memory conditions; pass --conditions "
+                                  "ground_truth,independent to run without one")
+        if not contiguous_adapter:
+            skipped["contiguous_rope"] = "no --contiguous-adapter given"
+            chosen = [c for c in chosen if c.name != "contiguous_rope"]
+        return chosen, skipped
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ExperimentError("--conditions is empty")
+    unknown = [n for n in names if n not in CONDITIONS]
+    if unknown:
+        raise ExperimentError(f"--conditions: unknown condition(s) {', '.join(map(repr, unknown))}; choose from "
+                              f"{', '.join(CONDITIONS)}")
+    chosen = [CONDITIONS[n] for n in dict.fromkeys(names)]
+    for condition in chosen:
+        if condition.adapter and not given[condition.adapter]:
+            raise ExperimentError(f"condition {condition.name!r} needs {flags[condition.adapter]} DIR")
+    # Table order, whatever order they were named in.
+    order = list(CONDITIONS)
+    return sorted(chosen, key=lambda c: order.index(c.name)), skipped
+
+
+def _adapter_info(path: str, flag: str) -> dict:
+    from ..lora import ADAPTER_CONFIG_NAME, AdapterError, StoryMemLoraConfig
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ExperimentError(f"{flag} {path}: adapter folder not found")
+    info = {"path": str(folder.resolve()), "memory_rope": None, "conditioning": None}
+    if (folder / ADAPTER_CONFIG_NAME).is_file():
+        try:
+            config = StoryMemLoraConfig.from_file(folder / ADAPTER_CONFIG_NAME)
+        except (AdapterError, OSError, ValueError) as err:
+            raise ExperimentError(f"{flag} {path}: {err}") from None
+        info.update(memory_rope=config.memory_rope, conditioning=config.conditioning)
+    return info
+
+
+def _base_shift(base: str) -> float:
+    """The base's own scheduler shift (what it was trained to sample with); the render default otherwise."""
+    from ..render import RenderOptions
+
+    if base == "toy":
+        return RenderOptions.shift
+    config = Path(base) / "scheduler" / "scheduler_config.json"
+    if config.is_file():
+        shift = _read_json(config, "scheduler config").get("flow_shift")
+        if isinstance(shift, (int, float)) and shift > 0:
+            return float(shift)
+    return RenderOptions.shift
+
+
+def square_size(area: int) -> int:
+    """Side of the square frame of about ``area`` pixels, a multiple of 16."""
+    return max(16, int(round(math.sqrt(area) / 16.0)) * 16)
+
+
+def render_options(config: ExperimentConfig, condition: Condition, out_dir: Path, *, height: int, width: int,
+                   shift: float, device: str, adapters: dict):
+    """The :class:`~storymem.render.RenderOptions` of one (condition, story) render into ``out_dir``: the toy
+    rendering defaults, the experiment's sampling settings and the condition's changes."""
+    from ..render import TOY_DEFAULTS, RenderOptions
+
+    adapter = adapters[condition.adapter]["path"] if condition.adapter else None
+    options = RenderOptions(
+        out_dir=out_dir, base=config.base, lora=adapter, dtype=config.dtype, height=height, width=width,
+        area=config.area, frames=config.frames, steps=config.steps, guidance=config.guidance, shift=shift,
+        negative_prompt=TOY_DEFAULTS["negative_prompt"], seed=config.render_seed,
+        embedder=TOY_DEFAULTS["embedder"], aesthetic=TOY_DEFAULTS["aesthetic"], device=device, progress=False,
+    )
+    return dataclasses.replace(options, **condition.render)
+
+
+def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
+    """Check every input and plan every render folder (no model loads; only missing stories are written)."""
+    from ..render import RenderError, build_selector, prepare
+    from ..story import StoryError
+
+    if config.frames < 5 or (config.frames - 1) % 4:
+        raise ExperimentError(f"--frames {config.frames}: must be of the form 4n+1 and at least 5")
+    if config.steps < 1:
+        raise ExperimentError(f"--steps {config.steps}: must be >= 1")
+    if (config.height is None) != (config.width is None):
+        raise ExperimentError("give both --height and --width, or neither (a square of --area)")
+    if config.base != "toy" and not (Path(config.base) / "model_index.json").is_file():
+        raise ExperimentError(f"--base {config.base}: not a diffusers pipeline folder (no model_index.json)")
+    conditions, skipped = resolve_conditions(config.conditions, config.adapter, config.contiguous_adapter)
+    adapters = {}
+    if config.adapter:
+        adapters["adapter"] = _adapter_info(config.adapter, "--adapter")
+    if config.contiguous_adapter:
+        adapters["contiguous_adapter"] = _adapter_info(config.contiguous_adapter, "--contiguous-adapter")
+    notes = []
+    names = [c.name for c in conditions]
+    if "negative_adapter_contiguous_rope" in names and adapters["adapter"]["memory_rope"] == "contiguous":
+        notes.append("negative_adapter_contiguous_rope: --adapter was trained with contiguous RoPE, so this row "
+                     "is no mismatch")
+    if "contiguous_rope" in names and adapters["contiguous_adapter"]["memory_rope"] not in (None, "contiguous"):
+        notes.append(f"contiguous_rope: --contiguous-adapter was trained with "
+                     f"{adapters['contiguous_adapter']['memory_rope']} RoPE; it is rendered with contiguous RoPE")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ExperimentError(f"{out}: --out exists and is not a folder")
+
+    cases = ensure_stories(config)
+    size = square_size(config.area)
+    height, width = (config.height, config.width) if config.height is not None else (size, size)
+    shift = float(config.shift) if config.shift is not None else _base_shift(config.base)
+    device = config.resolved_device()
+    plan = ExperimentPlan(config=config, cases=cases, conditions=conditions, skipped=skipped, notes=notes,
+                          height=height, width=width, shift=shift, device=device, adapters=adapters, jobs={})
+    selector = None
+    for condition in conditions:
+        if not condition.generated:
+            continue
+        jobs = []
+        for case in cases:
+            options = render_options(config, condition, plan.render_dir(condition.name, case), height=height,
+                                     width=width, shift=shift, device=device, adapters=adapters)
+            if selector is None and options.memory_source == "keyframes":
+                selector = build_selector(options)  # one pixel embedder for every render
+            try:
+                jobs.append((case, prepare(case.story, options, selector=selector)))
+            except (RenderError, StoryError) as err:
+                raise ExperimentError(f"condition {condition.name!r}, {case.stem}: {err}\n(an experiment resumes "
+                                      "only with the settings it started with; use another --out to change "
+                                      "them)") from None
+        plan.jobs[condition.name] = jobs
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+def _render_truth(plan: ExperimentPlan, case: StoryCase) -> Path:
+    """The ground truth of one story as shot videos in ``renders/ground_truth/<story>/shots/`` (kept when a
+    previous run wrote them at the same size)."""
+    from ..video import write_video
+    from .datasets import render_story_truth
+
+    folder = plan.render_dir("ground_truth", case)
+    settings = {"frames": plan.config.frames, "height": plan.height, "width": plan.width, "fps": 16,
+                "truth": case.truth["shots"]}
+    marker = folder / TRUTH_MARKER
+    files = [folder / "shots" / f"{shot.file_stem}.mp4" for shot in case.story]
+    if marker.is_file() and all(f.is_file() for f in files):
+        try:
+            if json.loads(marker.read_text(encoding="utf-8")) == settings:
+                return folder
+        except (OSError, json.JSONDecodeError):
+            pass
+    shots = render_story_truth(case.truth, plan.config.frames, plan.height, plan.width)
+    for path, frames in zip(files, shots):
+        write_video(path, frames, fps=16)
+    atomic_write_json(marker, settings)
+    return folder
+
+
+def _load_pipeline_for(options):
+    from ..render import load_render_pipeline
+
+    pipe = load_render_pipeline(options)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def render_all(plan: ExperimentPlan) -> None:
+    """Render every planned (condition, story) that is not finished, loading each pipeline once: the
+    conditions that share a model (base, base + adapter, base + contiguous adapter) run back to back."""
+    from tqdm.auto import tqdm
+
+    from ..render import StoryRenderer
+
+    if "ground_truth" in [c.name for c in plan.conditions]:
+        for case in plan.cases:
+            _render_truth(plan, case)
+    groups: dict[Optional[str], list[Condition]] = {}
+    for condition in plan.conditions:
+        if condition.generated:
+            groups.setdefault(condition.adapter, []).append(condition)
+    todo = sum(1 for c in plan.jobs for case, p in plan.jobs[c] if p.start < len(case.story))
+    bar = tqdm(total=todo, desc="stories", unit="story", disable=not plan.config.progress, file=sys.stderr)
+    try:
+        for conditions in groups.values():
+            pending = [(c, case, p) for c in conditions for case, p in plan.jobs[c.name]
+                       if p.start < len(case.story)]
+            if not pending:
+                continue
+            pipe = _load_pipeline_for(pending[0][2].options)
+            try:
+                for condition, case, render_plan in pending:
+                    bar.set_postfix_str(f"{condition.name} {case.stem}")
+                    with warnings.catch_warnings():
+                        # Shot 1 of every story is text-only by design here.
+                        warnings.filterwarnings("ignore", message="shot 1 is generated from text alone")
+                        StoryRenderer(render_plan, pipe=pipe).run()
+                    bar.update(1)
+            finally:
+                del pipe  # the next group's model loads into the memory this one held
+                _release_memory()
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def _same(a, b) -> bool:
+    """Both shots show a character and it is the same one (all four attributes, as ``same_character``)."""
+    return a is not None and b is not None and a.character == b.character
+
+
+def score_story(detections: Sequence, truth: dict) -> dict:
+    """Per-shot records and counts of one story from its shots' detections (``IdentityDetector.identify`` of
+    each shot, None where nothing was found) and its ground truth.
+
+    Returns ``{"shots": [...], "counts": {...}, "metrics": {...}}``; the counts pool across stories
+    (:func:`aggregate_scores`), the metrics are this story's shares (None where a set is empty)."""
+    from .detector import as_character
+
+    shots = truth["shots"]
+    if len(detections) != len(shots):
+        raise ExperimentError(f"got {len(detections)} detections for the {len(shots)} shots of the ground truth")
+    returns = set(truth.get("returns", []))
+    records = []
+    counts = {"shots": 0, "correct": 0, "detected": 0, "returns": 0, "returns_correct": 0, "after_first": 0,
+              "after_first_correct": 0, "same_pairs": 0, "same_pairs_agree": 0, "different_pairs": 0,
+              "different_pairs_distinct": 0, **{f"{a}_correct": 0 for a in ATTRIBUTES}}
+    for i, (found, shot) in enumerate(zip(detections, shots)):
+        want = as_character(shot["identity"])
+        correct = found is not None and found.character == want
+        attributes = {a: found is not None and getattr(found.character, a) == getattr(want, a) for a in ATTRIBUTES}
+        records.append({"index": i, "role": shot.get("role"), "identity": want.key,
+                        "detected": None if found is None else found.key,
+                        "confidence": None if found is None else round(float(found.confidence), 4),
+                        "correct": bool(correct), "attributes": attributes, "return": i in returns})
+        counts["shots"] += 1
+        counts["correct"] += correct
+        counts["detected"] += found is not None
+        for a in ATTRIBUTES:
+            counts[f"{a}_correct"] += attributes[a]
+        if i in returns:
+            counts["returns"] += 1
+            counts["returns_correct"] += correct
+        if i > 0:
+            counts["after_first"] += 1
+            counts["after_first_correct"] += correct
+    for i in range(len(shots)):
+        for j in range(i + 1, len(shots)):
+            if shots[i]["identity"] == shots[j]["identity"]:
+                counts["same_pairs"] += 1
+                counts["same_pairs_agree"] += _same(detections[i], detections[j])
+            else:
+                counts["different_pairs"] += 1
+                # Told apart: both shots show a character and they differ (two blank shots tell nothing apart).
+                counts["different_pairs_distinct"] += (detections[i] is not None and detections[j] is not None
+                                                       and not _same(detections[i], detections[j]))
+    return {"shots": records, "counts": counts, "metrics": _shares(counts)}
+
+
+def _share(hits: int, total: int) -> Optional[float]:
+    return hits / total if total else None
+
+
+def _shares(counts: dict) -> dict:
+    return {
+        "identity_consistency": _share(counts["correct"], counts["shots"]),
+        "identity_consistency_returns": _share(counts["returns_correct"], counts["returns"]),
+        "identity_consistency_after_first": _share(counts["after_first_correct"], counts["after_first"]),
+        "attribute_accuracy": {a: _share(counts[f"{a}_correct"], counts["shots"]) for a in ATTRIBUTES},
+        "self_consistency": _share(counts["same_pairs_agree"], counts["same_pairs"]),
+        "distinct": _share(counts["different_pairs_distinct"], counts["different_pairs"]),
+        "detection_rate": _share(counts["detected"], counts["shots"]),
+    }
+
+
+def _mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def aggregate_scores(stories: dict[str, dict]) -> dict:
+    """Pool the counts of :func:`score_story` results (``{story: score}``, optionally with ``pixel`` and
+    ``generate_s`` entries) into one row: pooled shares, the spread of identity consistency over stories,
+    mean pixel consistencies and mean seconds per shot."""
+    total: dict[str, int] = {}
+    for score in stories.values():
+        for key, value in score["counts"].items():
+            total[key] = total.get(key, 0) + int(value)
+    row = _shares(total) if total else {}
+    per_story = [s["metrics"]["identity_consistency"] for s in stories.values()]
+    row["identity_consistency_story_stderr"] = (float(np.std(per_story, ddof=1) / math.sqrt(len(per_story)))
+                                                if len(per_story) > 1 else None)
+    row["pixel_consistency_all"] = _mean(s.get("pixel", {}).get("all") for s in stories.values())
+    row["pixel_consistency_top_k"] = _mean(s.get("pixel", {}).get("top_k") for s in stories.values())
+    times = [t for s in stories.values() for t in s.get("generate_s", []) if t is not None]
+    row["seconds_per_shot"] = float(np.mean(times)) if times else None
+    row["counts"] = dict(total, stories=len(stories), timed_shots=len(times))
+    return row
+
+
+def _shot_files(folder: Path, case: StoryCase, condition: Condition) -> tuple[list[Path], list, list]:
+    """Shot videos of one story under one condition, with the render's per-shot timings and modes."""
+    files = [folder / "shots" / f"{shot.file_stem}.mp4" for shot in case.story]
+    times: list[Optional[float]] = [None] * len(files)
+    modes: list = [None] * len(files)
+    if condition.generated:
+        manifest = _read_json(folder / "manifest.json", "render manifest")
+        entries = manifest.get("shots", [])
+        if len(entries) != len(case.story) or not manifest.get("finished"):
+            raise ExperimentError(f"{folder}: the render is not finished ({len(entries)} of {len(case.story)} "
+                                  "shots); run the experiment again to finish it")
+        files = [folder / e["file"] for e in entries]
+        times = [e.get("timings", {}).get("generate_s") for e in entries]
+        modes = [e.get("mode") for e in entries]
+    return files, times, modes
+
+
+def score_condition(plan: ExperimentPlan, condition: Condition, detector, encoder) -> dict:
+    """Detections, scores and pixel consistency of every story under one condition (each video decoded once)."""
+    from ..evaluation import EvalConfig, cross_shot_consistency
+    from ..video import read_video
+
+    stories = {}
+    for case in plan.cases:
+        folder = plan.render_dir(condition.name, case)
+        files, times, modes = _shot_files(folder, case, condition)
+        shots = [read_video(f)[0] for f in files]
+        score = score_story([detector.identify(frames) for frames in shots], case.truth)
+        for record, file, seconds, mode in zip(score["shots"], files, times, modes):
+            record.update(file=str(file.relative_to(Path(plan.config.out))), generate_s=seconds, mode=mode)
+        score["pixel"] = cross_shot_consistency(shots, case.story.prompts, encoder, EvalConfig(top_k=TOP_K))
+        score["generate_s"] = [t for t in times if t is not None]
+        stories[case.stem] = score
+    return stories
+
+
+def _write_contact_sheet(plan: ExperimentPlan, condition: Condition) -> Optional[Path]:
+    """``OUT/contact_sheets/<condition>.png`` for the first story (the render's own sheet, or for the ground
+    truth one drawn from its frames)."""
+    from ..report import SheetRow, write_contact_sheet
+    from ..video import read_video
+
+    case = plan.cases[0]
+    folder = plan.render_dir(condition.name, case)
+    target = Path(plan.config.out) / "contact_sheets" / f"{condition.name}.png"
+    if condition.generated:
+        sheet = folder / "contact_sheet.png"
+        if not sheet.is_file():
+            return None
+        atomic_write_bytes(target, sheet.read_bytes())
+        return target
+    rows = []
+    for shot, truth in zip(case.story, case.truth["shots"]):
+        frames, _ = read_video(folder / "shots" / f"{shot.file_stem}.mp4")
+        picks = sorted(set(np.linspace(0, len(frames) - 1, min(6, len(frames))).round().astype(int)))
+        rows.append(SheetRow(label=f"{shot.file_stem}  {truth['identity']}  |  {shot.prompt}",
+                             samples=[frames[i] for i in picks]))
+    return write_contact_sheet(target, rows, title=f"{case.name}: ground truth")
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _device_info(device: str) -> dict:
+    import torch
+
+    info = {"device": device, "kind": "gpu" if device.startswith("cuda") else "cpu", "name": None}
+    if info["kind"] == "gpu" and torch.cuda.is_available():
+        info["name"] = torch.cuda.get_device_name(torch.device(device))
+    else:
+        info["name"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    return info
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+TABLE_COLUMNS = ("identity", "returns", "after 1st", "self-cons.", "distinct", "shape", "colour", "pattern",
+                 "accessory", "pixel all", "pixel top-10", "s/shot")
+
+
+def format_table(results: dict) -> str:
+    """The results as a markdown table (conditions as rows) with its notes."""
+    lines = ["| condition | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    for name in results["conditions"]:
+        row = results["rows"][name]
+        if row["status"] != "done":
+            lines.append(f"| {name} | " + " | ".join(["-"] * len(TABLE_COLUMNS)) + " |")
+            continue
+        a = row["aggregate"]
+        identity = _fmt(a["identity_consistency"])
+        if a.get("identity_consistency_story_stderr") is not None:
+            identity += f" ± {a['identity_consistency_story_stderr']:.3f}"
+        cells = [identity, _fmt(a["identity_consistency_returns"]), _fmt(a["identity_consistency_after_first"]),
+                 _fmt(a["self_consistency"]), _fmt(a["distinct"]),
+                 *(_fmt(a["attribute_accuracy"][k]) for k in ATTRIBUTES),
+                 _fmt(a["pixel_consistency_all"]), _fmt(a["pixel_consistency_top_k"]), _fmt(a["seconds_per_shot"], 2)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    settings, device = results["settings"], results["device"]
+    counts = next((r["aggregate"]["counts"] for r in results["rows"].values() if r["status"] == "done"), None)
+    lines += [""]
+    if counts:
+        lines.append(f"{counts['stories']} stories, {counts['shots']} shots ({counts['returns']} returns), "
+                     f"{counts['same_pairs']} same-character and {counts['different_pairs']} different-character "
+                     "shot pairs per condition.")
+    lines += [
+        f"Renders: {settings['height']}x{settings['width']}, {settings['frames']} frames, {settings['steps']} steps, "
+        f"guidance {settings['guidance']}, shift {settings['shift']}, empty negative prompt, seed "
+        f"{settings['render_seed']} + shot index.",
+        "identity: share of shots whose detected character is the ground truth (± standard error over stories); "
+        "returns: shots where the main character returns; after 1st: shots 2..N; self-cons.: pairs meant to "
+        "show one character detected as the same; distinct: pairs meant to differ detected as different; "
+        "shape..accessory: per-attribute accuracy.",
+        f"pixel all / top-10: cross-shot consistency (all pairs / the {TOP_K} pairs with the most similar "
+        f"prompts) with {results['encoder']}, mean over stories.",
+        f"s/shot: wall seconds of the pipeline call per shot on {device['kind'].upper()} ({device['device']}: "
+        f"{device['name']}), model loading excluded.",
+    ]
+    for name in results["conditions"]:
+        row = results["rows"][name]
+        if row["status"] != "done":
+            lines.append(f"{name}: {row['status']} ({row['note']}).")
+    lines += [f"note: {n}" for n in results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _settings(plan: ExperimentPlan) -> dict:
+    config = plan.config
+    return {"base": str(config.base), "adapter": plan.adapters.get("adapter"),
+            "contiguous_adapter": plan.adapters.get("contiguous_adapter"), "stories": str(config.stories),
+            "num_stories": len(plan.cases), "height": plan.height, "width": plan.width, "frames": config.frames,
+            "steps": config.steps, "guidance": config.guidance, "shift": plan.shift, "dtype": config.dtype,
+            "render_seed": config.render_seed, "negative_prompt": "", "embedder": "pixel", "aesthetic": "none"}
+
+
+def run_experiment(config: ExperimentConfig, plan: Optional[ExperimentPlan] = None) -> dict:
+    """Plan (unless given), render, score and write the results; returns the results dict."""
+    from ..eval_models import PixelBagOfWordsEncoder
+    from .detector import IdentityDetector
+    from .models import TOY_VOCABULARY
+
+    plan = plan or plan_experiment(config)
+    t0 = time.perf_counter()
+    render_all(plan)
+    t_render = time.perf_counter() - t0
+    detector = IdentityDetector()
+    encoder = PixelBagOfWordsEncoder(TOY_VOCABULARY)
+    rows: dict[str, dict] = {}
+    names = [c.name for c in plan.conditions] + list(plan.skipped)
+    order = list(CONDITIONS)
+    names.sort(key=order.index)
+    for name in names:
+        if name in plan.skipped:
+            rows[name] = {"status": "skipped", "note": plan.skipped[name],
+                          "description": CONDITIONS[name].description}
+    for condition in plan.conditions:
+        stories = score_condition(plan, condition, detector, encoder)
+        sheet = _write_contact_sheet(plan, condition)
+        rows[condition.name] = {
+            "status": "done", "note": None, "description": condition.description,
+            "adapter": plan.adapters[condition.adapter]["path"] if condition.adapter else None,
+            "render": dict(condition.render), "aggregate": aggregate_scores(stories), "stories": stories,
+            "contact_sheet": None if sheet is None else str(sheet.relative_to(Path(config.out))),
+        }
+    results = {
+        "format": RESULTS_FORMAT, "version": RESULTS_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": _settings(plan), "device": _device_info(plan.device), "encoder": encoder.name,
+        "stories": [{"stem": c.stem, "name": c.name, "num_shots": len(c.story),
+                     "returns": c.truth.get("returns", [])} for c in plan.cases],
+        "conditions": names, "rows": rows, "notes": plan.notes,
+        "timings": {"render_s": round(t_render, 3), "score_s": round(time.perf_counter() - t0 - t_render, 3)},
+    }
+    out = Path(config.out)
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", format_table(results))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _csv(value: str) -> list[str]:
+    return [v for v in (s.strip() for s in value.split(",")) if v]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/toy_experiment.py",
+        description="The small world's memory experiment: render held-out toy stories under several conditions "
+                    "(no memory, M2V, ablations) and measure identity consistency with the ground-truth detector. "
+                    "Rerun the same command to resume.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base", required=True, help="toy base model folder (storymem.toy.train_base), or 'toy'")
+    p.add_argument("--adapter", help="M2V adapter folder (train_lora.py), trained with negative RoPE")
+    p.add_argument("--contiguous-adapter", help="adapter trained with contiguous RoPE (row contiguous_rope)")
+    p.add_argument("--stories", required=True, help="toy story set folder (made there when missing or empty)")
+    p.add_argument("--count", type=int, default=20, help="stories to make when --stories is missing")
+    p.add_argument("--seed", type=int, default=0, help="seed of the story set made when --stories is missing")
+    p.add_argument("--num-shots", type=int, default=6, help="fewest shots of a made story")
+    p.add_argument("--max-shots", type=int, default=8, help="most shots of a made story")
+    p.add_argument("--out", required=True, help="experiment folder (renders/, results.json, results.md)")
+    p.add_argument("--conditions", type=_csv, help=f"comma-separated subset of: {', '.join(CONDITIONS)} "
+                                                   "(default: all)")
+    p.add_argument("--limit-stories", type=int, help="use only the first K stories")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--area", type=int, default=64 * 64, help="pixel area of the (square) frames")
+    p.add_argument("--height", type=int, help="frame height (default: the square of --area)")
+    p.add_argument("--width", type=int, help="frame width")
+    p.add_argument("--frames", type=int, default=17, help="frames per shot, 4n+1")
+    p.add_argument("--steps", type=int, default=8, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance")
+    p.add_argument("--shift", type=float, help="UniPC flow shift (default: the base's scheduler's)")
+    p.add_argument("--render-seed", type=int, default=0, help="shot seed = this + shot index (every condition)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point; returns the exit code (2: bad input, nothing rendered)."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    config = ExperimentConfig(
+        base=args.base, stories=Path(args.stories), out=Path(args.out), adapter=args.adapter,
+        contiguous_adapter=args.contiguous_adapter, conditions=args.conditions, device=args.device, dtype=args.dtype,
+        area=args.area, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
+        guidance=args.guidance, shift=args.shift, render_seed=args.render_seed, count=args.count,
+        story_seed=args.seed, num_shots=args.num_shots, max_shots=args.max_shots, limit_stories=args.limit_stories,
+        progress=not args.no_progress)
+    try:
+        plan = plan_experiment(config)
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        results = run_experiment(config, plan)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; rerun the same command to continue (finished stories in {config.out}/renders are "
+              "kept)", file=sys.stderr)
+        return 130
+    print(format_table(results))
+    print(f"wrote {Path(config.out) / 'results.json'} and {Path(config.out) / 'results.md'}")
+    return 0

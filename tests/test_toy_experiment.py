@@ -1,0 +1,228 @@
+"""The small world's memory experiment: its metrics, a run on two short stories, and its input checks."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from storymem import render
+from storymem.eval_models import PixelBagOfWordsEncoder
+from storymem.toy import experiment
+from storymem.toy.datasets import make_story, render_story_truth
+from storymem.toy.detector import Detection, IdentityDetector
+from storymem.toy.experiment import ExperimentConfig, ExperimentError, aggregate_scores, score_story
+from storymem.toy.world import Character
+
+FAST = dict(area=32 * 32, frames=5, steps=1, device="cpu", progress=False, count=2)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def _found(key):
+    return Detection(Character.from_key(key), confidence=0.9)
+
+
+def test_scores_of_perfect_and_swapped_detections():
+    story = make_story(seed=3, num_shots=7)
+    truth = story.truth
+    identities = story.expected_identities()
+    main, other = truth["identities"]["main"], truth["identities"]["other"]
+    n = len(identities)
+    mains = [i for i, k in enumerate(identities) if k == main]
+    others = [i for i, k in enumerate(identities) if k == other]
+    assert truth["returns"] and set(mains) | set(others) == set(range(n))
+
+    perfect = score_story([_found(k) for k in identities], truth)
+    m = perfect["metrics"]
+    assert m["identity_consistency"] == m["identity_consistency_returns"] == m["identity_consistency_after_first"] == 1
+    assert m["self_consistency"] == m["distinct"] == 1 and set(m["attribute_accuracy"].values()) == {1.0}
+
+    # The main character's return shot shows the other character instead.
+    k = truth["returns"][0]
+    swapped = [_found(other if i == k else key) for i, key in enumerate(identities)]
+    m = score_story(swapped, truth)["metrics"]
+    assert m["identity_consistency"] == pytest.approx((n - 1) / n)
+    assert m["identity_consistency_after_first"] == pytest.approx((n - 2) / (n - 1))
+    assert m["identity_consistency_returns"] == pytest.approx((len(truth["returns"]) - 1) / len(truth["returns"]))
+    same_pairs = len(mains) * (len(mains) - 1) / 2 + len(others) * (len(others) - 1) / 2
+    assert m["self_consistency"] == pytest.approx(1 - (len(mains) - 1) / same_pairs)
+    assert m["distinct"] == pytest.approx(1 - 1 / len(mains))  # shot k now matches every shot of the other
+    assert m["attribute_accuracy"]["shape"] == pytest.approx((n - 1) / n)  # the two never share a shape
+
+    # No detection: wrong, and it neither agrees with nor tells apart anything.
+    missing = [None if i == 0 else _found(key) for i, key in enumerate(identities)]
+    scored = score_story(missing, truth)
+    assert scored["metrics"]["identity_consistency"] == pytest.approx((n - 1) / n)
+    assert scored["metrics"]["detection_rate"] == pytest.approx((n - 1) / n)
+    assert scored["shots"][0]["detected"] is None and not scored["shots"][0]["correct"]
+
+    pooled = aggregate_scores({"a": perfect, "b": score_story(swapped, truth)})
+    assert pooled["identity_consistency"] == pytest.approx((2 * n - 1) / (2 * n))
+    assert pooled["counts"]["shots"] == 2 * n and pooled["identity_consistency_story_stderr"] > 0
+    with pytest.raises(ExperimentError, match="detections"):
+        score_story(swapped[:-1], truth)
+
+
+def test_identity_metric_on_ground_truth_renders():
+    story = make_story(seed=5, num_shots=6)
+    shots = render_story_truth(story.truth, 9, 64, 64)
+    detector = IdentityDetector()
+    found = [detector.identify(frames) for frames in shots]
+    assert score_story(found, story.truth)["metrics"]["identity_consistency"] == 1.0
+    assert detector.identity_consistency(shots, story.expected_identities()) == 1.0
+    # Shot 1 replaced by the other character's first shot: one of six shots is wrong.
+    other = next(i for i, s in enumerate(story.truth["shots"]) if s["role"] == "other")
+    found[0] = found[other]
+    assert score_story(found, story.truth)["metrics"]["identity_consistency"] == pytest.approx(5 / 6)
+
+
+def test_pixel_bag_of_words_encoder_is_not_clip():
+    encoder = PixelBagOfWordsEncoder(["a", "the", "red", "blue", "circle", "square"])
+    assert "not CLIP" in encoder.name and encoder.aligned is False
+    text = encoder.embed_text(["a red circle", "the red circle", "a blue square", "zebra"])
+    assert torch.allclose(text[:3].norm(dim=-1), torch.ones(3)) and text[3].abs().sum() == 0
+    assert float(text[0] @ text[1]) > float(text[0] @ text[2])
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    a, b = encoder.embed_video(video), encoder.embed_video(video[::-1].copy())
+    assert a.shape == text[0].shape and float(a @ b) == pytest.approx(1.0, abs=1e-5)
+    assert float(a @ text[0]) == 0.0  # separate blocks: no video-text similarity
+    assert float(a @ encoder.embed_video(255 - video)) < 0.5
+
+
+# ---------------------------------------------------------------------------------------------- a run
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A saved one-expert tiny base (the toy base's layout) and two adapters (negative and contiguous RoPE)."""
+    from storymem.lora import StoryMemLoraConfig, add_storymem_adapter, save_storymem_lora
+    from storymem.pipeline import StoryMemPipeline
+    from storymem.toy.models import TinyConfig, build_tiny_components
+
+    tmp = tmp_path_factory.mktemp("models")
+    StoryMemPipeline(**build_tiny_components(TinyConfig(two_experts=False))).save_pretrained(tmp / "base")
+    for name, rope in (("adapter", "negative"), ("contiguous", "contiguous")):
+        transformer = build_tiny_components(TinyConfig(two_experts=False))["transformer"]
+        config = StoryMemLoraConfig(rank=4, alpha=4.0, memory_rope=rope, experts=["transformer"])
+        add_storymem_adapter(transformer, config)
+        with torch.no_grad():  # a non-zero update, so the adapter changes something
+            for param_name, param in transformer.named_parameters():
+                if "lora_B" in param_name:
+                    param.normal_(0.0, 0.02)
+        save_storymem_lora(tmp / name, {"transformer": transformer}, config)
+    return tmp
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+def test_experiment_on_two_stories(models, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    config = ExperimentConfig(base=str(models / "base"), adapter=str(models / "adapter"), stories=tmp_path / "stories",
+                              out=out, conditions=["m2v", "independent", "ground_truth"], **FAST)
+    results = experiment.run_experiment(config)
+
+    assert (tmp_path / "stories" / "index.json").is_file()  # made, since the folder was missing
+    assert results["conditions"] == ["ground_truth", "independent", "m2v"]
+    assert results["settings"]["height"] == results["settings"]["width"] == 32
+    assert results["settings"]["shift"] == 4.0  # the base's own scheduler shift
+    assert results["device"]["kind"] == "cpu"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["conditions"] == results["conditions"] and len(saved["stories"]) == 2
+    for name in results["conditions"]:
+        row = saved["rows"][name]
+        assert row["status"] == "done" and set(row["stories"]) == {"story_000", "story_001"}
+        aggregate = row["aggregate"]
+        assert aggregate["counts"]["stories"] == 2
+        shots = [s for story in row["stories"].values() for s in story["shots"]]
+        assert aggregate["counts"]["shots"] == len(shots) == sum(s["num_shots"] for s in saved["stories"])
+        # The pooled share is the share of the per-shot records.
+        assert aggregate["identity_consistency"] == pytest.approx(np.mean([s["correct"] for s in shots]))
+        assert set(aggregate["attribute_accuracy"]) == {"shape", "colour", "pattern", "accessory"}
+        assert -1 <= aggregate["pixel_consistency_all"] <= 1 and -1 <= aggregate["pixel_consistency_top_k"] <= 1
+        assert (out / "contact_sheets" / f"{name}.png").is_file()
+        assert all((out / s["file"]).is_file() for s in shots)
+        if name == "ground_truth":
+            assert aggregate["seconds_per_shot"] is None
+        else:
+            assert aggregate["seconds_per_shot"] > 0 and aggregate["counts"]["timed_shots"] == len(shots)
+
+    manifests = {name: json.loads((out / "renders" / name / "story_000" / "manifest.json").read_text())
+                 for name in ("independent", "m2v")}
+    assert manifests["independent"]["settings"]["memory_source"] == "none"
+    assert manifests["independent"]["settings"]["lora"] is None
+    assert all(s["memory"] == [] and s["mode"] == "m2v" for s in manifests["independent"]["shots"])
+    assert manifests["m2v"]["settings"]["lora"] == str((models / "adapter").resolve())
+    assert manifests["m2v"]["settings"]["negative_prompt"] == ""
+    assert "mi2v" in [s["mode"] for s in manifests["m2v"]["shots"]]
+
+    table = (out / "results.md").read_text()
+    assert table.splitlines()[0].startswith("| condition | identity | returns | after 1st | self-cons.")
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:5]] == ["| ground_truth", "| independent", "| m2v"]
+    assert "on CPU" in table and "not CLIP" in table
+
+    # The pixel consistency is what `storymem eval` reports for the same folder with the same encoder.
+    from storymem.evaluation import EvalConfig, collect_shots, evaluate
+    from storymem.toy.models import TOY_VOCABULARY
+
+    story = saved["rows"]["m2v"]["stories"]["story_000"]
+    report = evaluate(collect_shots(out / "renders" / "m2v" / "story_000"), PixelBagOfWordsEncoder(TOY_VOCABULARY),
+                      None, EvalConfig(top_k=10))
+    assert story["pixel"]["all"] == pytest.approx(report["metrics"]["cross_shot_consistency"], abs=1e-6)
+    assert story["pixel"]["top_k"] == pytest.approx(report["metrics"]["cross_shot_consistency_top_k"], abs=1e-6)
+    assert report["metrics"]["prompt_following_single_shot"] is None  # not CLIP: no video-text space
+
+    # Planned again, every story is finished: a rerun renders nothing and loads no model.
+    monkeypatch.setattr(render, "load_render_pipeline", _must_not_load)
+    plan = experiment.plan_experiment(config)
+    assert all(p.start == len(case.story) for jobs in plan.jobs.values() for case, p in jobs)
+    experiment.render_all(plan)
+
+
+def test_default_conditions_and_the_contiguous_rows(models, tmp_path):
+    stories = tmp_path / "stories"
+    base = dict(base=str(models / "base"), adapter=str(models / "adapter"), stories=stories, out=tmp_path / "out",
+                limit_stories=1, **FAST)
+    plan = experiment.plan_experiment(ExperimentConfig(**base))
+    assert [c.name for c in plan.conditions] == ["ground_truth", "independent", "m2v", "first_frame_memory",
+                                                 "no_sink", "negative_adapter_contiguous_rope"]
+    assert "contiguous_rope" in plan.skipped and len(plan.cases) == 1
+    options = {name: jobs[0][1].options for name, jobs in plan.jobs.items()}
+    assert (options["first_frame_memory"].memory_source, options["no_sink"].sink, options["m2v"].sink) == (
+        "first-frame", 0, 3)
+    assert options["negative_adapter_contiguous_rope"].memory_rope == "contiguous"
+    assert options["independent"].lora is None and options["independent"].continuation == "none"
+
+    plan = experiment.plan_experiment(ExperimentConfig(**base, contiguous_adapter=str(models / "contiguous")))
+    assert not plan.skipped
+    contiguous = plan.jobs["contiguous_rope"][0][1].options
+    assert contiguous.lora == str((models / "contiguous").resolve()) and contiguous.memory_rope == "contiguous"
+    assert not (tmp_path / "out").exists()  # planning writes no render folder
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+BAD = {
+    "stories folder without index": (["--conditions", "ground_truth"], "index.json"),
+    "unknown condition": (["--conditions", "m2v,telepathy"], "'telepathy'"),
+    "contiguous row without its adapter": (["--conditions", "contiguous_rope"], "--contiguous-adapter"),
+    "memory row without an adapter": (["--conditions", "independent,no_sink"], "--adapter"),
+    "missing adapter folder": (["--adapter", "ADAPTER_MISSING"], "adapter folder not found"),
+    "frames not 4n+1": (["--conditions", "independent", "--frames", "6"], "--frames 6"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_fails_before_rendering(case, models, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(render, "load_render_pipeline", _must_not_load)
+    monkeypatch.setattr(render, "load_pipeline", _must_not_load)
+    stories = tmp_path / "stories"
+    stories.mkdir()
+    (stories / "notes.txt").write_text("not a story set")
+    extra, expected = BAD[case]
+    extra = [str(tmp_path / "nowhere") if e == "ADAPTER_MISSING" else e for e in extra]
+    args = ["--base", str(models / "base"), "--stories", str(stories), "--out", str(tmp_path / "out"),
+            "--device", "cpu", "--no-progress", *extra]
+    assert experiment.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and expected in err, err
+    assert not (tmp_path / "out").exists()
