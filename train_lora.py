@@ -8,7 +8,8 @@
     accelerate launch train_lora.py train --config lora_configs/mi2v_rank128.json --data data/prepared \
         --base Wan-AI/Wan2.2-I2V-A14B-Diffusers --expert high --output runs/mi2v-high
 
-``--base toy`` uses the tiny built-in components (CPU, seconds) to try the whole flow.
+``--base toy`` uses the small world's trained base shipped with the package, ``--base tiny`` random-weight tiny
+components (CPU, seconds) to try the whole flow.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def _add_prepare_args(p: argparse.ArgumentParser):
     src.add_argument("--min-shot-seconds", type=float, default=1.0)
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, required=True, help="prepared dataset folder")
-    out.add_argument("--base", default="toy", help='Wan2.2-I2V diffusers folder or hub id, or "toy"')
+    out.add_argument("--base", default="toy", help='Wan2.2-I2V diffusers folder or hub id, "toy" (the small world\'s base) or "tiny" '
+                          '(random weights, smoke runs)')
     out.add_argument("--height", type=int, default=480)
     out.add_argument("--width", type=int, default=832)
     out.add_argument("--num-frames", type=int, default=81, help="frames per clip, 4n+1")
@@ -66,7 +68,8 @@ def _add_train_args(p: argparse.ArgumentParser):
     io = p.add_argument_group("run")
     io.add_argument("--config", required=True, help="adapter config (lora_configs/*.json)")
     io.add_argument("--data", required=True, help="prepared dataset folder")
-    io.add_argument("--base", required=True, help='Wan2.2-I2V diffusers folder or hub id, or "toy"')
+    io.add_argument("--base", required=True, help='Wan2.2-I2V diffusers folder or hub id, "toy" (the small world\'s base) or "tiny" '
+                          '(random weights, smoke runs)')
     io.add_argument("--output", required=True, help="run folder (adapters, checkpoints, logs)")
     io.add_argument("--expert", choices=["high", "low", "all"], default=d.expert,
                     help="high: transformer (t >= boundary); low: transformer_2 (t < boundary); all: the "

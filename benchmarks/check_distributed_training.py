@@ -84,13 +84,13 @@ def main():
     StoryMemLoraConfig(rank=8, alpha=8.0, dropout=0.0).save(work / "adapter.json")
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     py = sys.executable
-    run([py, "train_lora.py", "prepare", "--clips", work / "clips", "--out", work / "prepared", "--base", "toy",
+    run([py, "train_lora.py", "prepare", "--clips", work / "clips", "--out", work / "prepared", "--base", "tiny",
          "--height", "32", "--width", "32", "--num-frames", "9", "--embedder", "pixel", "--cluster-size", "4",
          "--memory-candidates", "3", "--contexts", "mi2v", "--cache-dtype", "float32", "--no-progress"],
         env, work / "prepare.log")
 
     common = ["train_lora.py", "train", "--config", work / "adapter.json", "--data", work / "prepared", "--base",
-              "toy", "--expert", "high", "--max-train-steps", str(args.steps), "--learning-rate", "1e-3",
+              "tiny", "--expert", "high", "--max-train-steps", str(args.steps), "--learning-rate", "1e-3",
               "--report-to", "none", "--checkpointing-steps", "1000", "--seed", "0"]
     if args.fsdp:
         launch = [py, "-m", "accelerate.commands.launch", "--config_file", REPO / "configs" / "accelerate_fsdp.yaml"]

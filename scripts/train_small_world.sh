@@ -4,8 +4,8 @@
 #
 #   bash scripts/train_small_world.sh RUN_DIR STAGE [STAGE ...]
 #
-# Stages, in order: stories base clips prepare lora experiment. Environment: DEVICE (cuda), WORKERS (16),
-# VAE_MINUTES (2), BASE_MINUTES (5), LORA_MINUTES (4), PYTHON (python).
+# Stages, in order: stories vae base clips prepare lora experiment. Environment: DEVICE (cuda), WORKERS (16),
+# VAE_MINUTES (5), VAE2_MINUTES (2.5), BASE_MINUTES (4), LORA_MINUTES (4), PYTHON (python), VAE_INIT.
 set -euo pipefail
 
 RUN=${1:?usage: train_small_world.sh RUN_DIR STAGE [STAGE ...]}
@@ -21,9 +21,15 @@ for stage in "$@"; do
     stories)  # 20 held-out stories (6-8 shots); their characters stay out of every training set
       $PY -c "from storymem.toy.datasets import make_story_set
 make_story_set('$RUN/stories', count=20, seed=2026, num_shots=6, max_shots=8)" ;;
-    base)  # VAE, text encoder and transformer from scratch
-      $PY -m storymem.toy.train_base --out "$RUN/base_run" --device "$DEVICE" --workers "$WORKERS" \
-        --exclude-stories "$RUN/stories" --vae-minutes "${VAE_MINUTES:-2}" --minutes "${BASE_MINUTES:-5}" ;;
+    vae)  # VAE phase 1: short windows (first frame + one causal chunk), the spatial code
+      $PY -m storymem.toy.train_base --out "$RUN/vae_run" --vae-only --device "$DEVICE" --workers "$WORKERS" \
+        --exclude-stories "$RUN/stories" --vae-minutes "${VAE_MINUTES:-5}" --num-clips 8000 --vae-steps 100000 \
+        --vae-window 5 --vae-batch-size 48 --vae-lr 1e-3 ;;
+    base)  # VAE phase 2 on whole clips (the temporal cache's steady state), then text encoder and transformer
+      $PY -m storymem.toy.train_base --out "$RUN/base_run" --vae-init "${VAE_INIT:-$RUN/vae_run/stages/vae}" \
+        --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" --num-clips 8000 \
+        --vae-window 17 --vae-batch-size 16 --vae-lr 3e-4 --vae-steps 100000 --vae-minutes "${VAE2_MINUTES:-2.5}" \
+        --steps 100000 --lr 5e-4 --minutes "${BASE_MINUTES:-4}" ;;
     clips)  # clustered single-shot clips: 12 clips of each of 160 characters, one cluster per character
       $PY -c "from storymem.toy.datasets import make_clip_dataset
 from storymem.toy.train_base import story_identities

@@ -286,7 +286,7 @@ def test_clip_dataset_groups_labels_resume_and_prepare(tmp_path, capsys):
     train_lora = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_lora)
     prepared = tmp_path / "prepared"
-    code = train_lora.main(["prepare", "--base", "toy", "--manifest", str(dataset.manifest), "--out", str(prepared),
+    code = train_lora.main(["prepare", "--base", "tiny", "--manifest", str(dataset.manifest), "--out", str(prepared),
                             "--height", "32", "--width", "32", "--num-frames", "9", "--embedder", "pixel",
                             "--contexts", "none", "--cache-dtype", "float32", "--no-progress"])
     assert code == 0, capsys.readouterr().err

@@ -56,7 +56,7 @@ def clips_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(clips_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
-    code = train_lora.main(["prepare", "--clips", str(clips_dir), "--out", str(out), "--base", "toy",
+    code = train_lora.main(["prepare", "--clips", str(clips_dir), "--out", str(out), "--base", "tiny",
                             "--height", str(SIZE), "--width", str(SIZE), "--num-frames", str(FRAMES),
                             "--embedder", "pixel", "--cluster-size", "3", "--memory-candidates", "3",
                             "--contexts", "mi2v,mm2v", "--cache-dtype", "float32", "--shard-size", "3",
@@ -73,7 +73,7 @@ def lora_config_file(tmp_path_factory):
 
 
 def _train_config(prepared, lora_config_file, out, **kw):
-    args = dict(lora_config=str(lora_config_file), data_dir=str(prepared), output_dir=str(out), base="toy",
+    args = dict(lora_config=str(lora_config_file), data_dir=str(prepared), output_dir=str(out), base="tiny",
                 report_to="none", learning_rate=1e-3, checkpointing_steps=1000, max_train_steps=3)
     args.update(kw)
     return TrainConfig(**args)
@@ -99,7 +99,7 @@ def test_prepare_summary_clusters_and_skips(prepared, clips_dir):
 
 
 def test_prepare_refuses_to_overwrite_and_needs_clusters(prepared, clips_dir, tmp_path, capsys):
-    assert train_lora.main(["prepare", "--clips", str(clips_dir), "--out", str(prepared), "--base", "toy"]) == 2
+    assert train_lora.main(["prepare", "--clips", str(clips_dir), "--out", str(prepared), "--base", "tiny"]) == 2
     assert "already holds a prepared dataset" in capsys.readouterr().err
     # A manifest whose groups leave one clip alone: it is skipped as a cluster of one; two groups of one
     # leave nothing to train on.
@@ -107,7 +107,7 @@ def test_prepare_refuses_to_overwrite_and_needs_clusters(prepared, clips_dir, tm
     rows = [{"file": str(clips_dir / "red0.mp4"), "caption": "a", "group": "x"},
             {"file": str(clips_dir / "blue0.mp4"), "caption": "b", "group": "y"}]
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code = train_lora.main(["prepare", "--manifest", str(manifest), "--out", str(tmp_path / "o"), "--base", "toy",
+    code = train_lora.main(["prepare", "--manifest", str(manifest), "--out", str(tmp_path / "o"), "--base", "tiny",
                             "--height", "32", "--width", "32", "--num-frames", "9", "--embedder", "pixel",
                             "--no-progress"])
     assert code == 2
@@ -123,7 +123,7 @@ def test_manifest_groups_time_ranges_and_cluster_of_one(clips_dir, tmp_path):
             {"file": str(clips_dir / "red1.mp4"), "caption": "a red square", "group": "g", "start": 0.1},
             {"file": str(clips_dir / "blue0.mp4"), "caption": "a blue square", "group": "lonely"}]
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = prepare_dataset(PrepareConfig(output_dir=tmp_path / "o", manifest=manifest, base="toy", height=32,
+    summary = prepare_dataset(PrepareConfig(output_dir=tmp_path / "o", manifest=manifest, base="tiny", height=32,
                                             width=32, num_frames=9, embedder="pixel", contexts=()), progress=False)
     assert summary.num_clips == 2 and summary.num_clusters == 1
     assert summary.skipped_counts() == {"cluster of one": 1}
@@ -198,7 +198,7 @@ def test_training_reduces_the_loss(prepared, trained, lora_config_file):
     data = PreparedDataset(prepared)
     specs = [SampleSpec(clip=c, memory=((m, 1),), context=ctx)
              for c, m, ctx in [(0, 1, None), (1, 2, "mi2v"), (3, 4, None), (5, 3, "mi2v")]]
-    base = load_expert("toy", "transformer", dtype=torch.float32)
+    base = load_expert("tiny", "transformer", dtype=torch.float32)
     before = _eval_loss(base, data, specs)
     pipe = StoryMemPipeline(**_toy_parts())
     pipe.load_storymem_lora(result.adapter_dir)
@@ -307,7 +307,7 @@ def test_lora_state_dict_from_wrapped_names_matches_peft():
     from storymem.lora import add_storymem_adapter
     from storymem.training.trainer import lora_state_dict_from
 
-    model = load_expert("toy", "transformer", dtype=torch.float32)
+    model = load_expert("tiny", "transformer", dtype=torch.float32)
     add_storymem_adapter(model, StoryMemLoraConfig(rank=4, alpha=4.0), adapter_name="storymem")
     expected = get_peft_model_state_dict(model, adapter_name="storymem")
     wrapped = ((k.replace("blocks.1.", "blocks.1._fsdp_wrapped_module._checkpoint_wrapped_module."), v)

@@ -1,8 +1,9 @@
 """Loading the parts of a Wan2.2-I2V base model that preparation and training need, one part at a time.
 
-``base`` is a diffusers Wan2.2-I2V folder or hub id (``Wan-AI/Wan2.2-I2V-A14B-Diffusers``), or ``"toy"``: the
-tiny random-weight components of :mod:`storymem.toy` (same classes, CPU-sized; built from a fixed seed, so
-``prepare`` and ``train`` see the same weights).
+``base`` is a diffusers Wan2.2-I2V folder or hub id (``Wan-AI/Wan2.2-I2V-A14B-Diffusers``), ``"toy"``: the small
+world's trained base shipped with the package (:mod:`storymem.toy.pretrained`), or ``"tiny"``: random-weight
+components of the same classes, CPU-sized and built from a fixed seed (so ``prepare`` and ``train`` see the same
+weights), for tests and smoke runs.
 """
 
 from __future__ import annotations
@@ -12,13 +13,26 @@ from typing import Optional
 
 import torch
 
-__all__ = ["TOY_BASE", "is_toy", "load_encoders", "load_expert", "load_scheduler", "base_identity"]
+__all__ = ["TINY_BASE", "TOY_BASE", "is_toy", "load_encoders", "load_expert", "load_scheduler", "base_identity",
+           "resolve_base"]
 
 TOY_BASE = "toy"
+TINY_BASE = "tiny"
 
 
 def is_toy(base: str) -> bool:
-    return str(base) == TOY_BASE
+    """The random-weight tiny base (built in code, not loaded from a folder)."""
+    return str(base) == TINY_BASE
+
+
+def resolve_base(base: str) -> str:
+    """``"toy"`` -> the folder of the shipped small-world base; anything else unchanged."""
+    if str(base) == TOY_BASE:
+        from ..toy.pretrained import BASE_DIR, _check
+
+        _check(BASE_DIR, "model_index.json")
+        return str(BASE_DIR)
+    return str(base)
 
 
 def _toy_components() -> dict:
@@ -29,13 +43,15 @@ def _toy_components() -> dict:
 
 def base_identity(base: str) -> str:
     """How the base is recorded in a prepared dataset (absolute path for folders)."""
-    if is_toy(base):
-        return TOY_BASE
+    if is_toy(base) or str(base) == TOY_BASE:
+        return str(base)
     path = Path(base)
     return str(path.resolve()) if path.exists() else str(base)
 
 
 def _check_base(base: str):
+    if str(base) == TOY_BASE:
+        return
     path = Path(base)
     if not is_toy(base) and (path.is_absolute() or str(base).startswith(".")) and not path.is_dir():
         raise FileNotFoundError(f"{base}: base model folder not found")
@@ -48,6 +64,7 @@ def load_encoders(base: str, device=None, text_dtype: torch.dtype = torch.bfloat
     from ..pipeline import StoryMemPipeline
 
     _check_base(base)
+    base = resolve_base(base)
     if is_toy(base):
         parts = _toy_components()
         parts.update(transformer=None, transformer_2=None)
@@ -72,6 +89,7 @@ def load_encoders(base: str, device=None, text_dtype: torch.dtype = torch.bfloat
 
 
 def load_scheduler(base: str):
+    base = resolve_base(base)
     if is_toy(base):
         return _toy_components()["scheduler"]
     from diffusers import UniPCMultistepScheduler
@@ -82,6 +100,7 @@ def load_scheduler(base: str):
 def load_expert(base: str, expert: str, dtype: torch.dtype = torch.bfloat16, device=None):
     """One expert's transformer (``"transformer"`` high-noise, ``"transformer_2"`` low-noise)."""
     _check_base(base)
+    base = resolve_base(base)
     if is_toy(base):
         model = _toy_components()[expert]
         if model is None:
@@ -98,6 +117,7 @@ def load_expert(base: str, expert: str, dtype: torch.dtype = torch.bfloat16, dev
 
 
 def load_vae(base: str, dtype: torch.dtype = torch.float32, device=None):
+    base = resolve_base(base)
     if is_toy(base):
         vae = _toy_components()["vae"]
     else:
@@ -110,6 +130,7 @@ def load_vae(base: str, dtype: torch.dtype = torch.float32, device=None):
 
 def load_boundary_ratio(base: str) -> Optional[float]:
     """The pipeline's ``boundary_ratio`` from ``model_index.json`` (0.9 for Wan2.2-A14B)."""
+    base = resolve_base(base)
     if is_toy(base):
         return _toy_components()["boundary_ratio"]
     import json
