@@ -314,3 +314,21 @@ def test_lora_state_dict_from_wrapped_names_matches_peft():
                for k, v in model.state_dict().items())
     got = lora_state_dict_from(wrapped)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_time_limit_stops_with_a_checkpoint_and_all_expert_samples_every_timestep(prepared, lora_config_file,
+                                                                                  tmp_path):
+    from storymem.training.flow import EXPERTS, sample_timesteps
+
+    # A time limit already spent: training stops after its first step, saving a resumable checkpoint.
+    result = train(_train_config(prepared, lora_config_file, tmp_path / "run", max_train_steps=50,
+                                 max_train_minutes=1e-9))
+    assert result.global_step == 1
+    assert (tmp_path / "run" / "checkpoint-1").is_dir() and (tmp_path / "run" / "adapter").is_dir()
+    resumed = train(_train_config(prepared, lora_config_file, tmp_path / "run", max_train_steps=3,
+                                  resume_from_checkpoint="latest"))
+    assert resumed.global_step == 3
+    # "all" trains the single transformer of a one-expert base on both sides of the boundary.
+    assert EXPERTS["all"] == "transformer"
+    t, _ = sample_timesteps(4000, "all", shift=3.0, generator=torch.Generator().manual_seed(0))
+    assert int(t.min()) < 900 <= int(t.max())
