@@ -50,6 +50,7 @@ def _add_prepare_args(p: argparse.ArgumentParser):
     out.add_argument("--max-sequence-length", type=int, default=512)
     out.add_argument("--device", default=None, help="encoding device (default cuda if available)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
+    out.add_argument("--decode-workers", type=int, default=4, help="threads decoding videos (default 4)")
     grp = p.add_argument_group("clusters")
     grp.add_argument("--cluster-size", type=int, default=16, help="target clips per cluster")
     grp.add_argument("--max-cluster-size", type=int, default=None, help="default 2 x cluster size")
@@ -143,7 +144,7 @@ def run_prepare(args) -> int:
         clip_pretrained=args.clip_pretrained, split_shots=args.split_shots, shot_threshold=args.shot_threshold,
         min_shot_seconds=args.min_shot_seconds, contexts=contexts, cache_dtype=args.cache_dtype,
         shard_size=args.shard_size, max_sequence_length=args.max_sequence_length, device=args.device,
-        seed=args.seed, overwrite=args.overwrite,
+        seed=args.seed, overwrite=args.overwrite, decode_workers=args.decode_workers,
     )
     summary = prepare_dataset(config, progress=not args.no_progress)
     print(summary.format())

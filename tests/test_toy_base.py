@@ -81,3 +81,37 @@ def test_transformer_loss_falls_on_a_trivial_dataset():
                                ["a red circle walks", "a blue square runs"], config, "cpu", log_every=0)
     assert len(losses) == 100
     assert np.mean(losses[-20:]) < 0.85 * np.mean(losses[:20])
+
+
+def test_continuing_from_a_base_keeps_its_vae_or_trains_only_its_decoder(tmp_path):
+    from storymem.toy.train_base import _character_weight, load_base_components
+
+    first = train_base(ToyBaseConfig(**{**TINY, "steps": 4}), tmp_path / "a", device="cpu")
+    assert first["transformer"]["steps"] == 4
+    before = load_base_components(tmp_path / "a" / "base")
+    # Continue the transformer on new clips; the VAE is the init's, untouched.
+    cont = train_base(ToyBaseConfig(**{**TINY, "steps": 3, "seed": 5}), tmp_path / "b", device="cpu",
+                      init=str(tmp_path / "a" / "base"))
+    assert cont["init"].endswith("base") and "reused" in cont["vae"] and cont["transformer"]["steps"] == 3
+    after = load_base_components(tmp_path / "b" / "base")
+    sd_before, sd_after = before["vae"].state_dict(), after["vae"].state_dict()
+    assert all(torch.equal(sd_before[k], sd_after[k]) for k in sd_before)
+    moved = [k for k, v in before["transformer"].state_dict().items()
+             if not torch.equal(v, after["transformer"].state_dict()[k])]
+    assert moved
+    # Decoder-only VAE training: the encoder and the latent statistics stay, the decoder moves.
+    train_base(ToyBaseConfig(**{**TINY, "vae_decoder_only": True, "vae_steps": 3}), tmp_path / "c", device="cpu",
+               init=str(tmp_path / "a" / "base"), retrain_vae=True, vae_only=True)
+    from diffusers import AutoencoderKLWan
+
+    tuned = AutoencoderKLWan.from_pretrained(tmp_path / "c" / "stages" / "vae")
+    sd_tuned = tuned.state_dict()
+    assert all(torch.equal(sd_before[k], sd_tuned[k]) for k in sd_before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(sd_before[k], sd_tuned[k]) for k in sd_before if k.startswith("decoder."))
+    assert tuned.config.latents_std == before["vae"].config.latents_std
+    with pytest.raises(FileNotFoundError, match="needs a base folder"):
+        load_base_components(tmp_path / "c")
+    # The loss weight covers the darker pattern shade of a body, not the dark backgrounds.
+    video = torch.tensor([[0.9, 0.1, 0.1], [0.45, 0.05, 0.05], [0.25, 0.2, 0.2], [0.2, 0.02, 0.02]])
+    weight = _character_weight(video.T.reshape(1, 3, 1, 1, 4) * 2 - 1, 1.0).flatten().tolist()
+    assert weight == [2.0, 2.0, 1.0, 1.0]

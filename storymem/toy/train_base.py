@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ToyBaseConfig",
     "build_base_components",
+    "load_base_components",
     "render_training_clips",
     "train_base",
     "train_vae",
@@ -82,6 +83,7 @@ class ToyBaseConfig:
     vae_lr: float = 5e-4
     vae_kl_weight: float = 1e-6
     character_weight: float = 4.0  # extra reconstruction weight on saturated (character) pixels
+    vae_decoder_only: bool = False  # train the decoder only: the latent space (and a transformer on it) stays valid
     # text encoder
     text_dim: int = 64
     text_layers: int = 2
@@ -155,6 +157,21 @@ def build_base_components(config: ToyBaseConfig, seed: int = 0) -> dict:
                 transformer=transformer, transformer_2=None, boundary_ratio=None)
 
 
+def load_base_components(folder) -> dict:
+    """The trained VAE, text encoder and transformer of a base folder, in float32 (to train further)."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    folder = Path(folder)
+    for name in ("vae", "text_encoder", "transformer"):
+        if not (folder / name / "config.json").is_file():
+            raise FileNotFoundError(f"{folder / name / 'config.json'} is missing: --init needs a base folder "
+                                    "(OUT/base of train_base)")
+    return dict(vae=AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval(),
+                text_encoder=UMT5EncoderModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32),
+                transformer=WanTransformer3DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32))
+
+
 # ---------------------------------------------------------------------------------------------- data
 def _render_chunk(job: tuple) -> tuple[np.ndarray, list[str], list[str]]:
     seed, count, num_frames, height, width, mode_probs, exclude = job
@@ -189,18 +206,24 @@ def render_training_clips(count: int, num_frames: int, height: int, width: int, 
     return frames, [c for p in parts for c in p[1]], [k for p in parts for k in p[2]]
 
 
+# Darkest background value 0.28; darkest pattern shade 0.78 x 0.5 = 0.39 (world.COLOURS, PATTERN_SHADE).
+_CHARACTER_MIN_VALUE = 0.33
+
+
 def _to_video(frames_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 [B, T, H, W, 3] -> float [B, 3, T, H, W] in [-1, 1]."""
     return frames_uint8.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
 
 
 def _character_weight(video: torch.Tensor, extra: float) -> torch.Tensor:
-    """1 + extra on saturated pixels: the world draws characters in saturated colours and backgrounds muted,
-    so this puts the loss where identities are."""
+    """1 + extra on saturated pixels: the world draws characters in saturated colours and backgrounds muted or
+    dark, so this puts the loss where identities are. The value floor sits between the darkest background
+    (:data:`~storymem.toy.world.BACKGROUND_MAX_VALUE`) and the darkest pattern shade, so patterns count too: a
+    floor above the shade taught a VAE to paint bodies plain."""
     rgb = (video + 1) / 2
     top = rgb.amax(dim=1, keepdim=True)
     saturation = (top - rgb.amin(dim=1, keepdim=True)) / top.clamp_min(1e-3)
-    return 1.0 + extra * ((saturation > 0.6) & (top > 0.5)).float()
+    return 1.0 + extra * ((saturation > 0.6) & (top > _CHARACTER_MIN_VALUE)).float()
 
 
 class _Clock:
@@ -236,7 +259,12 @@ def train_vae(vae, clips: torch.Tensor, config: ToyBaseConfig, device, minutes: 
               log_every: int = 100, generator: Optional[torch.Generator] = None) -> list[float]:
     """Train ``vae`` in place on random windows of ``clips`` (uint8 [N, T, H, W, 3], CPU). Returns the losses."""
     vae.to(device).train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    trained = vae
+    if config.vae_decoder_only:
+        vae.requires_grad_(False)
+        trained = torch.nn.ModuleList([vae.decoder, vae.post_quant_conv]).requires_grad_(True)
+        vae.encoder.eval()
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=config.vae_lr, weight_decay=0.0)
     warmup = min(200, config.vae_steps // 10)
     generator = generator or torch.Generator().manual_seed(config.seed)
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
@@ -248,17 +276,19 @@ def train_vae(vae, clips: torch.Tensor, config: ToyBaseConfig, device, minutes: 
         index = torch.randint(n, (config.vae_batch_size,), generator=generator)
         start = int(torch.randint(length - config.vae_window + 1, (1,), generator=generator))
         video = _to_video(clips[index, start:start + config.vae_window].to(device, non_blocking=True))
-        with autocast:
+        with autocast, torch.set_grad_enabled(not config.vae_decoder_only):
             posterior = vae.encode(video).latent_dist
+        with autocast:
             reconstruction = vae.decode(posterior.sample(generator=None)).sample
         reconstruction = reconstruction.float()
         weight = _character_weight(video, config.character_weight)
         error = reconstruction - video
         loss = (weight * (error.abs() + error.square())).mean() / weight.mean()
-        loss = loss + config.vae_kl_weight * posterior.kl().float().mean()
+        if not config.vae_decoder_only:
+            loss = loss + config.vae_kl_weight * posterior.kl().float().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         optimizer.step()
         losses.append(float(loss.detach()))
         if log_every and (step % log_every == 0 or step == config.vae_steps - 1):
@@ -427,10 +457,14 @@ def save_base(components: dict, out_dir: Path, dtype: torch.dtype = torch.float1
 
 def train_base(config: ToyBaseConfig, out_dir, device: str = "cpu", workers: int = 1,
                vae_minutes: Optional[float] = None, minutes: Optional[float] = None,
-               retrain_vae: bool = False, vae_init: Optional[str] = None, vae_only: bool = False) -> dict:
+               retrain_vae: bool = False, vae_init: Optional[str] = None, vae_only: bool = False,
+               init: Optional[str] = None) -> dict:
     """The whole recipe: render clips, train (or reuse) the VAE, encode, train the transformer, save.
 
-    ``vae_init``: a VAE folder to start VAE training from (e.g. one trained on shorter windows)."""
+    ``vae_init``: a VAE folder to start VAE training from (e.g. one trained on shorter windows).
+    ``init``: a base folder (``OUT/base`` of an earlier run) to continue from: its text encoder and transformer
+    are trained further, and its VAE is kept as it is unless ``retrain_vae`` (then it is where VAE training
+    starts). The clips come from ``config.seed``, so a continuation with another seed sees new clips."""
     from diffusers import AutoencoderKLWan
 
     from ..conditioning import encode_video_condition
@@ -447,23 +481,34 @@ def train_base(config: ToyBaseConfig, out_dir, device: str = "cpu", workers: int
         clips = clips.pin_memory()
     logger.info("rendered %d clips in %.1f s", len(captions), time.perf_counter() - t0)
     components = build_base_components(config, seed=config.seed)
+    if init is not None:
+        components.update(load_base_components(init))
+        summary_init = {"init": str(init)}
+    else:
+        summary_init = {}
+        if vae_init is None and retrain_vae:
+            vae_init = str(Path(init) / "vae")
 
     vae_dir = out_dir / "stages" / "vae"
     summary = {"config": dataclasses.asdict(config), "clips": len(captions),
-               "identities": len(set(identities))}
+               "identities": len(set(identities)), **summary_init}
     if vae_init is not None and retrain_vae is False and (vae_dir / "config.json").is_file():
         raise ValueError(f"{vae_dir} already holds a trained VAE; pass retrain_vae=True to train from {vae_init}")
     if (vae_dir / "config.json").is_file() and not retrain_vae:
         components["vae"] = AutoencoderKLWan.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
         summary["vae"] = {"reused": str(vae_dir)}
         logger.info("reusing the VAE in %s", vae_dir)
+    elif init is not None and not retrain_vae:
+        summary["vae"] = {"reused": str(Path(init) / "vae")}
+        logger.info("keeping the VAE of %s", init)
     else:
         if vae_init is not None:
             components["vae"] = AutoencoderKLWan.from_pretrained(vae_init, torch_dtype=torch.float32)
             summary["vae_init"] = str(vae_init)
         t = time.perf_counter()
         vae_losses = train_vae(components["vae"], clips, config, device, minutes=vae_minutes)
-        set_latent_statistics(components["vae"], clips[: min(len(clips), 1024)], device)
+        if not config.vae_decoder_only:  # the encoder, and so the latents' statistics, are unchanged otherwise
+            set_latent_statistics(components["vae"], clips[: min(len(clips), 1024)], device)
         components["vae"].to("cpu").save_pretrained(vae_dir, safe_serialization=True)
         summary["vae"] = {"steps": len(vae_losses), "seconds": round(time.perf_counter() - t, 1),
                           "loss_first": vae_losses[0], "loss_last100": float(np.mean(vae_losses[-100:]))}
@@ -507,6 +552,9 @@ def _parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--retrain-vae", action="store_true")
     ap.add_argument("--vae-init", help="VAE folder to start VAE training from")
     ap.add_argument("--vae-only", action="store_true", help="stop after the VAE stage (OUT/stages/vae)")
+    ap.add_argument("--vae-decoder-only", action="store_true",
+                    help="train the VAE decoder only (the latent space, and a transformer on it, stay valid)")
+    ap.add_argument("--init", help="base folder (OUT/base of an earlier run) to continue training from")
     for f in dataclasses.fields(ToyBaseConfig):
         if f.type in ("int", "float") or f.type in (int, float):
             ap.add_argument("--" + f.name.replace("_", "-"), type=float if "float" in str(f.type) else int)
@@ -527,13 +575,14 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = _parse(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ToyBaseConfig)
-                 if getattr(args, f.name, None) is not None}
+                 if getattr(args, f.name, None) is not None and f.name != "vae_decoder_only"}
+    overrides["vae_decoder_only"] = args.vae_decoder_only
     config = ToyBaseConfig(**overrides)
     if args.exclude_stories:
         config.exclude = story_identities(args.exclude_stories)
     summary = train_base(config, args.out, device=args.device, workers=args.workers, vae_minutes=args.vae_minutes,
                          minutes=args.minutes, retrain_vae=args.retrain_vae, vae_init=args.vae_init,
-                         vae_only=args.vae_only)
+                         vae_only=args.vae_only, init=args.init)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
 
 

@@ -31,10 +31,11 @@ import json
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -105,6 +106,7 @@ class PrepareConfig:
     device: Optional[str] = None
     seed: int = 0
     overwrite: bool = False
+    decode_workers: int = 4  # threads decoding videos (each an ffmpeg process)
 
     def validate(self):
         check_sizes(self.height, self.width, self.num_frames)
@@ -124,6 +126,8 @@ class PrepareConfig:
                 raise DataError(f"context {c!r} needs more than {CONTEXT_KINDS[c]} frames, got {self.num_frames}")
         if self.cache_dtype not in DTYPES:
             raise DataError(f"cache_dtype must be one of {sorted(DTYPES)}, got {self.cache_dtype!r}")
+        if self.decode_workers < 1:
+            raise DataError(f"decode_workers must be >= 1, got {self.decode_workers}")
         if self.shard_size < 1:
             raise DataError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.embedder not in ("clip", "pixel"):
@@ -220,6 +224,58 @@ def _segments(source: ClipSource, config: PrepareConfig) -> list[tuple[Optional[
     return [(None, None)]
 
 
+def _clip_key(clip: _Clip) -> tuple:
+    return (clip.source.path, clip.start, clip.end)
+
+
+def _ordered_map(fn, items: Sequence, workers: int, ahead: int = 2) -> Iterator:
+    """``map(fn, items)`` computed by ``workers`` threads, in order, at most ``ahead x workers`` results held
+    (decoded videos are large)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _scan_source(source: ClipSource, config: PrepareConfig,
+                 positions: Sequence[int]) -> tuple[list[tuple[_Clip, np.ndarray]], list[Skipped]]:
+    """The usable clips of one source with their memory-candidate frames (resized), and what was skipped."""
+    if source.caption is None:
+        return [], [Skipped(source.name, "missing caption")]
+    if not source.path.is_file():
+        return [], [Skipped(source.name, "missing file", source.where)]
+    try:
+        segments = _segments(source, config)
+    except (ValueError, OSError, RuntimeError) as e:
+        return [], [Skipped(source.name, "unreadable", str(e).splitlines()[0] if str(e) else type(e).__name__)]
+    found, skipped = [], []
+    for start, end in segments:
+        clip = _Clip(source=source, start=start, end=end, frame_indices=[])
+        try:
+            video, src_fps = read_clip(source.path, start, end)
+        except (ValueError, OSError, RuntimeError) as e:  # VideoError is a ValueError
+            skipped.append(Skipped(clip.name, "unreadable", str(e).splitlines()[0] if str(e) else ""))
+            continue
+        indices = resample_indices(len(video), src_fps, config.fps)
+        offset = select_window(len(indices), config.num_frames, config.window)
+        if offset is None:
+            skipped.append(Skipped(clip.name, "too short", f"{len(indices)} frames at {config.fps:g} fps, "
+                                                           f"need {config.num_frames}"))
+            continue
+        clip.frame_indices = indices[offset:offset + config.num_frames]
+        found.append((clip, resize_and_crop(video[[clip.frame_indices[p] for p in positions]], config.height,
+                                            config.width)))
+        del video
+    return found, skipped
+
+
 def trim_text_embedding(embedding: torch.Tensor) -> torch.Tensor:
     """Drop the zero rows Wan's ``encode_prompt`` pads to ``max_sequence_length`` (restored when loading)."""
     nonzero = embedding.abs().amax(dim=-1) > 0
@@ -255,41 +311,18 @@ def prepare_dataset(config: PrepareConfig, embedder=None, progress: bool = True)
         raise DataError(f"{where}: no videos found")
     embedder = embedder if embedder is not None else _make_embedder(config)
 
-    # Pass 1: check every source, cut its clips, embed them. No VAE yet.
+    # Pass 1: check every source, cut its clips, embed them. No VAE yet. Videos decode in threads (the decoder
+    # is an ffmpeg subprocess); embedding stays here, in source order, so the result does not depend on them.
     skipped: list[Skipped] = []
     clips: list[_Clip] = []
     positions = memory_candidate_positions(config.num_frames, config.memory_candidates)
-    for source in tqdm(sources, desc="scanning clips", disable=not progress):
-        if source.caption is None:
-            skipped.append(Skipped(source.name, "missing caption"))
-            continue
-        if not source.path.is_file():
-            skipped.append(Skipped(source.name, "missing file", source.where))
-            continue
-        try:
-            segments = _segments(source, config)
-        except (ValueError, OSError, RuntimeError) as e:
-            skipped.append(Skipped(source.name, "unreadable", str(e).splitlines()[0] if str(e) else type(e).__name__))
-            continue
-        for start, end in segments:
-            clip = _Clip(source=source, start=start, end=end, frame_indices=[])
-            try:
-                video, src_fps = read_clip(source.path, start, end)
-            except (ValueError, OSError, RuntimeError) as e:  # VideoError is a ValueError
-                skipped.append(Skipped(clip.name, "unreadable", str(e).splitlines()[0] if str(e) else ""))
-                continue
-            indices = resample_indices(len(video), src_fps, config.fps)
-            offset = select_window(len(indices), config.num_frames, config.window)
-            if offset is None:
-                skipped.append(Skipped(clip.name, "too short", f"{len(indices)} frames at {config.fps:g} fps, "
-                                                               f"need {config.num_frames}"))
-                continue
-            clip.frame_indices = indices[offset:offset + config.num_frames]
-            candidates = resize_and_crop(video[[clip.frame_indices[p] for p in positions]], config.height,
-                                         config.width)
+    scanned = _ordered_map(lambda source: _scan_source(source, config, positions), sources, config.decode_workers)
+    for source_clips, source_skipped in tqdm(scanned, total=len(sources), desc="scanning clips",
+                                             disable=not progress):
+        skipped.extend(source_skipped)
+        for clip, candidates in source_clips:
             clip.embedding = torch.nn.functional.normalize(embedder.embed(candidates).float().mean(0), dim=0)
             clips.append(clip)
-            del video
 
     # Clusters: given groups, or embedding similarity.
     if clips and clips[0].source.group is not None:
@@ -350,29 +383,41 @@ def prepare_dataset(config: PrepareConfig, embedder=None, progress: bool = True)
             shard_entries.append({"file": name, "clips": buffered, "sha256": sha})
             buffer, buffered = {}, 0
 
-    # Source order: a video cut into several clips is decoded once.
+    # Source order: a video cut into several clips is decoded once, a few videos ahead, in threads.
     by_source = sorted(range(len(kept)), key=lambda i: (str(kept[i].source.path), kept[i].start or 0.0))
-    loaded_key, loaded = None, None
-    for j in tqdm(by_source, desc="encoding clips", disable=not progress):
-        clip = kept[j]
-        key = (clip.source.path, clip.start, clip.end)
-        if key != loaded_key:
-            try:
-                loaded, _ = read_clip(clip.source.path, clip.start, clip.end)
-            except (ValueError, OSError, RuntimeError) as e:
-                raise DataError(f"{clip.name}: was readable while scanning but not now: {e}") from None
-            loaded_key = key
-        frames = resize_and_crop(loaded[clip.frame_indices], H, W)
-        with torch.no_grad():
-            tensors = encode_clip(pipe, frames, clip.source.caption, positions, config.contexts,
-                                  config.max_sequence_length, device)
-        cid = clip_entries[j]["id"]
-        for name, value in tensors.items():
-            buffer[f"{cid}.{name}"] = value.to(dtype)
-        clip_entries[j]["shard"] = len(shard_entries)
-        buffered += 1
-        if buffered >= config.shard_size:
-            flush()
+    runs: list[list[int]] = []
+    for j in by_source:
+        if runs and _clip_key(kept[runs[-1][0]]) == _clip_key(kept[j]):
+            runs[-1].append(j)
+        else:
+            runs.append([j])
+
+    def load(run: list[int]):
+        clip = kept[run[0]]
+        try:
+            return read_clip(clip.source.path, clip.start, clip.end)[0]
+        except (ValueError, OSError, RuntimeError) as e:
+            return DataError(f"{clip.name}: was readable while scanning but not now: {e}")
+
+    bar = tqdm(total=len(kept), desc="encoding clips", disable=not progress)
+    for run, loaded in zip(runs, _ordered_map(load, runs, config.decode_workers)):
+        if isinstance(loaded, DataError):
+            raise loaded
+        for j in run:
+            clip = kept[j]
+            frames = resize_and_crop(loaded[clip.frame_indices], H, W)
+            with torch.no_grad():
+                tensors = encode_clip(pipe, frames, clip.source.caption, positions, config.contexts,
+                                      config.max_sequence_length, device)
+            cid = clip_entries[j]["id"]
+            for name, value in tensors.items():
+                buffer[f"{cid}.{name}"] = value.to(dtype)
+            clip_entries[j]["shard"] = len(shard_entries)
+            buffered += 1
+            bar.update(1)
+            if buffered >= config.shard_size:
+                flush()
+    bar.close()
     flush()
 
     text_dim = int(empty.shape[-1]) if empty.numel() else int(pipe.text_encoder.config.d_model)
