@@ -51,6 +51,8 @@ def _add_prepare_args(p: argparse.ArgumentParser):
     out.add_argument("--device", default=None, help="encoding device (default cuda if available)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
     out.add_argument("--decode-workers", type=int, default=4, help="threads decoding videos (default 4)")
+    out.add_argument("--encode-batch-size", type=int, default=1,
+                     help="clips per encoder call (default 1; small sizes encode much faster in batches)")
     grp = p.add_argument_group("clusters")
     grp.add_argument("--cluster-size", type=int, default=16, help="target clips per cluster")
     grp.add_argument("--max-cluster-size", type=int, default=None, help="default 2 x cluster size")
@@ -145,6 +147,7 @@ def run_prepare(args) -> int:
         min_shot_seconds=args.min_shot_seconds, contexts=contexts, cache_dtype=args.cache_dtype,
         shard_size=args.shard_size, max_sequence_length=args.max_sequence_length, device=args.device,
         seed=args.seed, overwrite=args.overwrite, decode_workers=args.decode_workers,
+        encode_batch_size=args.encode_batch_size,
     )
     summary = prepare_dataset(config, progress=not args.no_progress)
     print(summary.format())

@@ -38,7 +38,7 @@ make_clip_dataset('$RUN/clips', num_identities=160, clips_per_identity=12, num_f
     prepare)
       $PY train_lora.py prepare --manifest "$RUN/clips/manifest.jsonl" --out "$RUN/prepared" --base "$BASE" \
         --height 64 --width 64 --num-frames 17 --embedder pixel --memory-candidates 4 --contexts mi2v \
-        --device "$DEVICE" --no-progress ;;
+        --device "$DEVICE" --decode-workers "$WORKERS" --encode-batch-size 64 --no-progress ;;
     lora)  # the adapter with negative memory RoPE, and one with contiguous RoPE for the ablation, side by side
       for rope in negative contiguous; do
         config=lora_configs/toy_m2v.json

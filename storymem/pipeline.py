@@ -216,17 +216,21 @@ class StoryMemPipeline(WanImageToVideoPipeline):
         elif motion_frames is not None:
             context = _as_image_list(motion_frames, "motion_frames")
         if context is not None:
-            # Same preprocessing as Wan I2V for the first frame (so no-memory MI2V is stock I2V).
-            frames = torch.stack([
-                self.video_processor.preprocess(_pil_or_tensor(im, f"context frame {i}"), height=height,
-                                                width=width)[0]
-                for i, im in enumerate(context)
-            ])  # [k, 3, H, W]
-            context = frames.permute(1, 0, 2, 3).unsqueeze(0).to(device, torch.float32)  # [1, 3, k, H, W]
+            context = self.preprocess_context_frames(context, height, width).to(device, torch.float32)
         video_latents = encode_video_condition(self.vae, context, num_frames, height, width, 1, device, dtype)
         video_latents = video_latents.repeat(batch_size, 1, 1, 1, 1)
         k = 0 if context is None else context.shape[2]
         return build_memory_condition(memory_latents, video_latents, num_frames, k, self.vae_scale_factor_temporal)
+
+    def preprocess_context_frames(self, frames, height, width) -> torch.Tensor:
+        """Leading frames of the video condition as ``[1, 3, k, H, W]`` in [-1, 1], with the same preprocessing
+        as Wan I2V's first frame (so no-memory MI2V is stock I2V)."""
+        stacked = torch.stack([
+            self.video_processor.preprocess(_pil_or_tensor(im, f"context frame {i}"), height=height,
+                                            width=width)[0]
+            for i, im in enumerate(frames)
+        ])  # [k, 3, H, W]
+        return stacked.permute(1, 0, 2, 3).unsqueeze(0).float()
 
     def prepare_noise(self, batch_size, num_channels, num_latent_frames, height, width, dtype, device, generator,
                       latents=None):

@@ -107,6 +107,7 @@ class PrepareConfig:
     seed: int = 0
     overwrite: bool = False
     decode_workers: int = 4  # threads decoding videos (each an ffmpeg process)
+    encode_batch_size: int = 1  # clips per VAE / text-encoder call (raise it for small sizes)
 
     def validate(self):
         check_sizes(self.height, self.width, self.num_frames)
@@ -126,6 +127,8 @@ class PrepareConfig:
                 raise DataError(f"context {c!r} needs more than {CONTEXT_KINDS[c]} frames, got {self.num_frames}")
         if self.cache_dtype not in DTYPES:
             raise DataError(f"cache_dtype must be one of {sorted(DTYPES)}, got {self.cache_dtype!r}")
+        if self.encode_batch_size < 1:
+            raise DataError(f"encode_batch_size must be >= 1, got {self.encode_batch_size}")
         if self.decode_workers < 1:
             raise DataError(f"decode_workers must be >= 1, got {self.decode_workers}")
         if self.shard_size < 1:
@@ -400,23 +403,33 @@ def prepare_dataset(config: PrepareConfig, embedder=None, progress: bool = True)
             return DataError(f"{clip.name}: was readable while scanning but not now: {e}")
 
     bar = tqdm(total=len(kept), desc="encoding clips", disable=not progress)
-    for run, loaded in zip(runs, _ordered_map(load, runs, config.decode_workers)):
-        if isinstance(loaded, DataError):
-            raise loaded
-        for j in run:
-            clip = kept[j]
-            frames = resize_and_crop(loaded[clip.frame_indices], H, W)
-            with torch.no_grad():
-                tensors = encode_clip(pipe, frames, clip.source.caption, positions, config.contexts,
-                                      config.max_sequence_length, device)
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def encode_pending():
+        nonlocal buffered
+        with torch.no_grad():
+            encoded = encode_clips(pipe, [f for _, f in pending], [kept[j].source.caption for j, _ in pending],
+                                   positions, config.contexts, config.max_sequence_length, device)
+        for (j, _), tensors in zip(pending, encoded):
             cid = clip_entries[j]["id"]
             for name, value in tensors.items():
                 buffer[f"{cid}.{name}"] = value.to(dtype)
             clip_entries[j]["shard"] = len(shard_entries)
             buffered += 1
-            bar.update(1)
             if buffered >= config.shard_size:
                 flush()
+        bar.update(len(pending))
+        pending.clear()
+
+    for run, loaded in zip(runs, _ordered_map(load, runs, config.decode_workers)):
+        if isinstance(loaded, DataError):
+            raise loaded
+        for j in run:
+            pending.append((j, resize_and_crop(loaded[kept[j].frame_indices], H, W)))
+            if len(pending) >= config.encode_batch_size:
+                encode_pending()
+    if pending:
+        encode_pending()
     bar.close()
     flush()
 
@@ -481,24 +494,38 @@ def encode_clip(pipe, frames: np.ndarray, caption: str, memory_positions: Sequen
 
     Memory candidates and video conditions go through exactly the pipeline's inference path.
     """
-    from ..conditioning import encode_memory_frames, normalize_latents
+    return encode_clips(pipe, [frames], [caption], memory_positions, contexts, max_sequence_length, device)[0]
+
+
+def encode_clips(pipe, clips: Sequence[np.ndarray], captions: Sequence[str], memory_positions: Sequence[int],
+                 contexts: Sequence[str], max_sequence_length: int, device) -> list[dict[str, torch.Tensor]]:
+    """:func:`encode_clip` for several clips of one size, as one batch through each encoder (small VAEs are
+    bound by kernel launches, not arithmetic: a batch costs about what one clip does)."""
+    from ..conditioning import encode_memory_frames, encode_video_condition, normalize_latents
     from ..pipeline import preprocess_memory_images
 
-    num_frames, height, width, _ = frames.shape
+    count = len(clips)
+    num_frames, height, width, _ = clips[0].shape
     vae = pipe.vae
-    video = torch.from_numpy(frames).permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1.0  # [1, 3, F, H, W]
-    latents = vae.encode(video.to(device, vae.dtype)).latent_dist.mode()
-    out = {"latents": normalize_latents(vae, latents.float())[0]}
-    memory_images = preprocess_memory_images(list(frames[list(memory_positions)]), height, width)
-    out["memory"] = encode_memory_frames(vae, memory_images.to(device))[0]
+    video = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # [B, 3, F, H, W]
+    latents = normalize_latents(vae, vae.encode(video.to(device, vae.dtype)).latent_dist.mode().float())
+    outs = [{"latents": latents[i]} for i in range(count)]
+    positions = list(memory_positions)
+    memory_images = torch.cat([preprocess_memory_images(list(frames[positions]), height, width) for frames in clips])
+    memory = encode_memory_frames(vae, memory_images.to(device), batch_size=len(memory_images))[0]
+    for i in range(count):
+        outs[i]["memory"] = memory[:, i * len(positions):(i + 1) * len(positions)]
     for kind in contexts:
         k = CONTEXT_KINDS[kind]
-        first = frames[0] if k == 1 else None
-        motion = list(frames[:k]) if k > 1 else None
-        out[kind] = pipe.prepare_memory_condition(None, None, first, motion, 1, height, width, num_frames,
-                                                  device).latents[0]
-    out["text"] = _encode_text(pipe, caption, max_sequence_length, device)
-    return out
+        context = torch.cat([pipe.preprocess_context_frames(list(frames[:k]), height, width) for frames in clips])
+        condition = encode_video_condition(vae, context.to(device), num_frames, height, width, count, device)
+        for i in range(count):
+            outs[i][kind] = condition[i]
+    embeds, _ = pipe.encode_prompt(prompt=list(captions), do_classifier_free_guidance=False,
+                                   max_sequence_length=max_sequence_length, device=device)
+    for i in range(count):
+        outs[i]["text"] = trim_text_embedding(embeds[i].float())
+    return outs
 
 
 # ---------------------------------------------------------------------------------------------- reading
