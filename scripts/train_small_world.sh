@@ -4,8 +4,16 @@
 #
 #   bash scripts/train_small_world.sh RUN_DIR STAGE [STAGE ...]
 #
-# Stages, in order: stories vae base clips prepare lora experiment. Environment: DEVICE (cuda), WORKERS (16),
-# VAE_MINUTES (5), VAE2_MINUTES (2.5), BASE_MINUTES (4), LORA_MINUTES (4), PYTHON (python), VAE_INIT.
+# Stages, in order: stories vae base [refine continue decoder assemble] clips prepare lora experiment.
+# Environment: DEVICE (cuda), WORKERS (16), VAE_MINUTES (5), VAE2_MINUTES (2.5), BASE_MINUTES (4),
+# REFINE_VAE_MINUTES (2.7), REFINE_MINUTES (4.6), CONTINUE_MINUTES (7.5), CONTINUE_SEED (3), DECODER_MINUTES (6.5),
+# LORA_MINUTES (4), PYTHON (python), VAE_INIT.
+#
+# base gives a first model in minutes; refine, continue (run it again with another CONTINUE_SEED for more) and
+# decoder train it further, each stage a process of under 10 minutes that starts from the last one's folder;
+# assemble makes RUN/final/base, which the later stages use when it exists. The shipped weights: stories vae base
+# refine, continue twice (seeds 3 and 4, 7.6 and 7.5 minutes; decoder ran beside the second), assemble, clips
+# prepare lora (5.8 minutes).
 set -euo pipefail
 
 RUN=${1:?usage: train_small_world.sh RUN_DIR STAGE [STAGE ...]}
@@ -13,7 +21,15 @@ shift
 DEVICE=${DEVICE:-cuda}
 WORKERS=${WORKERS:-16}
 PY=${PYTHON:-python}
-BASE=$RUN/base_run/base
+
+latest_base() {  # the newest trained base: continue rounds, then refine, then the first one
+  local newest
+  newest=$(ls -d "$RUN"/continue_run_*/base 2>/dev/null | sort -V | tail -n 1 || true)
+  if [ -n "$newest" ]; then echo "$newest"
+  elif [ -d "$RUN/refine_run/base" ]; then echo "$RUN/refine_run/base"
+  else echo "$RUN/base_run/base"; fi
+}
+final_base() { if [ -d "$RUN/final/base" ]; then echo "$RUN/final/base"; else echo "$RUN/base_run/base"; fi; }
 
 for stage in "$@"; do
   echo "== $stage"
@@ -30,20 +46,49 @@ make_story_set('$RUN/stories', count=20, seed=2026, num_shots=6, max_shots=8)" ;
         --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" --num-clips 8000 \
         --vae-window 17 --vae-batch-size 16 --vae-lr 3e-4 --vae-steps 100000 --vae-minutes "${VAE2_MINUTES:-2.5}" \
         --steps 100000 --lr 5e-4 --minutes "${BASE_MINUTES:-4}" ;;
+    refine)  # the VAE again on whole clips (pattern shades now weighted as character pixels), then the
+      # transformer on its new latents, with twice the batch
+      $PY -m storymem.toy.train_base --out "$RUN/refine_run" --init "$RUN/base_run/base" --retrain-vae \
+        --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" --num-clips 12000 --seed 2 \
+        --vae-window 17 --vae-batch-size 32 --vae-lr 4e-4 --vae-steps 100000 --vae-minutes "${REFINE_VAE_MINUTES:-2.7}" \
+        --steps 100000 --batch-size 128 --lr 4e-4 --warmup-steps 200 --minutes "${REFINE_MINUTES:-4.6}" ;;
+    continue)  # text encoder and transformer only, on fresh clips (another seed each round); the VAE is kept
+      seed=${CONTINUE_SEED:-3}
+      $PY -m storymem.toy.train_base --out "$RUN/continue_run_$seed" --init "$(latest_base)" \
+        --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" --num-clips 16000 --seed "$seed" \
+        --steps 100000 --batch-size 128 --lr 3e-4 --warmup-steps 200 --minutes "${CONTINUE_MINUTES:-7.5}" ;;
+    decoder)  # the VAE decoder only: the latent space, and every transformer trained on it, stay valid
+      $PY -m storymem.toy.train_base --out "$RUN/decoder_run" --init "$(latest_base)" --retrain-vae \
+        --vae-decoder-only --vae-only --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" \
+        --num-clips 6000 --seed 13 --vae-window 17 --vae-batch-size 16 --vae-lr 2e-4 --vae-steps 100000 \
+        --vae-minutes "${DECODER_MINUTES:-6.5}" ;;
+    assemble)  # RUN/final/base: the latest base with the tuned decoder when there is one (float16)
+      $PY -c "import shutil, sys, torch
+from pathlib import Path
+from diffusers import AutoencoderKLWan
+src, final, tuned = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+shutil.rmtree(final, ignore_errors=True)
+shutil.copytree(src, final)
+if (tuned / 'config.json').is_file():
+    vae = AutoencoderKLWan.from_pretrained(tuned, torch_dtype=torch.float32)
+    shutil.rmtree(final / 'vae')
+    vae.to(torch.float16).save_pretrained(final / 'vae', safe_serialization=True)
+print('assembled', final, 'from', src, '+ decoder' if (tuned / 'config.json').is_file() else '')" \
+        "$(latest_base)" "$RUN/final/base" "$RUN/decoder_run/stages/vae" ;;
     clips)  # clustered single-shot clips: 12 clips of each of 160 characters, one cluster per character
       $PY -c "from storymem.toy.datasets import make_clip_dataset
 from storymem.toy.train_base import story_identities
 make_clip_dataset('$RUN/clips', num_identities=160, clips_per_identity=12, num_frames=17, height=64, width=64,
                   seed=1, exclude=story_identities('$RUN/stories'), workers=$WORKERS)" ;;
     prepare)
-      $PY train_lora.py prepare --manifest "$RUN/clips/manifest.jsonl" --out "$RUN/prepared" --base "$BASE" \
+      $PY train_lora.py prepare --manifest "$RUN/clips/manifest.jsonl" --out "$RUN/prepared" --base "$(final_base)" \
         --height 64 --width 64 --num-frames 17 --embedder pixel --memory-candidates 4 --contexts mi2v \
         --device "$DEVICE" --decode-workers "$WORKERS" --encode-batch-size 64 --no-progress ;;
     lora)  # the adapter with negative memory RoPE, and one with contiguous RoPE for the ablation, side by side
       for rope in negative contiguous; do
         config=lora_configs/toy_m2v.json
         [ "$rope" = contiguous ] && config=lora_configs/toy_m2v_contiguous.json
-        $PY train_lora.py train --config "$config" --data "$RUN/prepared" --base "$BASE" \
+        $PY train_lora.py train --config "$config" --data "$RUN/prepared" --base "$(final_base)" \
           --output "$RUN/lora_$rope" --expert all --flow-shift 3 --train-batch-size 16 --learning-rate 3e-4 \
           --lr-scheduler constant_with_warmup --lr-warmup-steps 100 --max-train-steps 100000 \
           --max-train-minutes "${LORA_MINUTES:-4}" --checkpointing-steps 100000 --no-gradient-checkpointing \
@@ -52,7 +97,7 @@ make_clip_dataset('$RUN/clips', num_identities=160, clips_per_identity=12, num_f
       wait
       tail -n 3 "$RUN"/lora_*.log ;;
     experiment)
-      $PY benchmarks/toy_experiment.py --base "$BASE" --adapter "$RUN/lora_negative/adapter" \
+      $PY benchmarks/toy_experiment.py --base "$(final_base)" --adapter "$RUN/lora_negative/adapter" \
         --contiguous-adapter "$RUN/lora_contiguous/adapter" --stories "$RUN/stories" --out "$RUN/experiment" \
         --device "$DEVICE" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;

@@ -20,6 +20,13 @@ The result is a diffusers folder ``StoryMemPipeline.from_pretrained`` loads (``i
     python -m storymem.toy.train_base --out runs/base --vae-init runs/vae/stages/vae --vae-window 17 \
         --vae-minutes 2.5 --minutes 4
 
+``--init BASE`` continues from a saved base on fresh clips (``--seed``): the text encoder and transformer train
+on, the VAE is kept, or fine-tuned first with ``--retrain-vae`` (the transformer then trains on its new latents);
+``--vae-decoder-only`` tunes only the decoder, so the latent space, and every transformer trained on it, stay
+valid. Runs stay short (a GPU lease, a preemptible job) and chain::
+
+    python -m storymem.toy.train_base --out runs/more --init runs/base/base --seed 3 --minutes 7.5
+
 The VAE learns frames in two phases: short windows (the first frame and one causal chunk) are cheap and teach
 the spatial code; whole clips then teach the steady state of the causal temporal cache, which short windows
 never reach (a VAE trained on 5-frame windows alone reconstructs frames 0-4 at 25-27 dB and frames 9-16 at
