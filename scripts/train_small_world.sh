@@ -6,14 +6,18 @@
 #
 # Stages, in order: stories vae base [refine continue decoder assemble] clips prepare lora experiment.
 # Environment: DEVICE (cuda), WORKERS (16), VAE_MINUTES (5), VAE2_MINUTES (2.5), BASE_MINUTES (4),
-# REFINE_VAE_MINUTES (2.7), REFINE_MINUTES (4.6), CONTINUE_MINUTES (7.5), CONTINUE_SEED (3), DECODER_MINUTES (6.5),
-# LORA_MINUTES (4), PYTHON (python), VAE_INIT.
+# REFINE_VAE_MINUTES (2.7), REFINE_MINUTES (4.6), CONTINUE_MINUTES (7.5), CONTINUE_SEED (3), CONTINUE_BATCH (128),
+# CONTINUE_LR (3e-4), CONTINUE_WARMUP (200), DECODER_MINUTES (6.5), LORA_MINUTES (4), LORA_BATCH (16), LORA_WORKERS (2),
+# PYTHON (python), VAE_INIT.
 #
 # base gives a first model in minutes; refine, continue (run it again with another CONTINUE_SEED for more) and
 # decoder train it further, each stage a process of under 10 minutes that starts from the last one's folder;
 # assemble makes RUN/final/base, which the later stages use when it exists. The shipped weights: stories vae base
-# refine, continue twice (seeds 3 and 4, 7.6 and 7.5 minutes; decoder ran beside the second), assemble, clips
-# prepare lora (5.8 minutes).
+# refine, continue twice (seeds 3 and 4, 7.6 and 7.5 minutes; decoder ran beside the second), continue three more
+# times with CONTINUE_BATCH=256 CONTINUE_LR=1.2e-4 CONTINUE_WARMUP=100 CONTINUE_MINUTES=7.4 (seeds 5, 6, 7: a lower
+# learning rate than the first rounds, whose loss rose again at 3e-4), assemble, clips prepare lora (LORA_BATCH=32
+# LORA_WORKERS=4 LORA_MINUTES=6.55). A decoder-only VAE leaves the latents as they were, so continue rounds and
+# the decoder can run in any order; assemble puts the newest transformer and the tuned decoder together.
 set -euo pipefail
 
 RUN=${1:?usage: train_small_world.sh RUN_DIR STAGE [STAGE ...]}
@@ -56,7 +60,8 @@ make_story_set('$RUN/stories', count=20, seed=2026, num_shots=6, max_shots=8)" ;
       seed=${CONTINUE_SEED:-3}
       $PY -m storymem.toy.train_base --out "$RUN/continue_run_$seed" --init "$(latest_base)" \
         --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" --num-clips 16000 --seed "$seed" \
-        --steps 100000 --batch-size 128 --lr 3e-4 --warmup-steps 200 --minutes "${CONTINUE_MINUTES:-7.5}" ;;
+        --steps 100000 --batch-size "${CONTINUE_BATCH:-128}" --lr "${CONTINUE_LR:-3e-4}" \
+        --warmup-steps "${CONTINUE_WARMUP:-200}" --minutes "${CONTINUE_MINUTES:-7.5}" ;;
     decoder)  # the VAE decoder only: the latent space, and every transformer trained on it, stay valid
       $PY -m storymem.toy.train_base --out "$RUN/decoder_run" --init "$(latest_base)" --retrain-vae \
         --vae-decoder-only --vae-only --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" \
@@ -89,10 +94,10 @@ make_clip_dataset('$RUN/clips', num_identities=160, clips_per_identity=12, num_f
         config=lora_configs/toy_m2v.json
         [ "$rope" = contiguous ] && config=lora_configs/toy_m2v_contiguous.json
         $PY train_lora.py train --config "$config" --data "$RUN/prepared" --base "$(final_base)" \
-          --output "$RUN/lora_$rope" --expert all --flow-shift 3 --train-batch-size 16 --learning-rate 3e-4 \
+          --output "$RUN/lora_$rope" --expert all --flow-shift 3 --train-batch-size "${LORA_BATCH:-16}" --learning-rate 3e-4 \
           --lr-scheduler constant_with_warmup --lr-warmup-steps 100 --max-train-steps 100000 \
           --max-train-minutes "${LORA_MINUTES:-4}" --checkpointing-steps 100000 --no-gradient-checkpointing \
-          --mixed-precision bf16 --dataloader-num-workers 2 > "$RUN/lora_$rope.log" 2>&1 &
+          --mixed-precision bf16 --dataloader-num-workers "${LORA_WORKERS:-2}" > "$RUN/lora_$rope.log" 2>&1 &
       done
       wait
       tail -n 3 "$RUN"/lora_*.log ;;
