@@ -240,6 +240,27 @@ def test_detector_recovers_identities_before_and_after_h264(detector, tmp_path, 
         assert accuracy["pattern"] >= 0.9 and accuracy["accessory"] >= 0.9 and accuracy["identity"] >= 0.85
 
 
+def _box_blur(frames, passes):
+    x = frames.astype(np.float32)
+    for _ in range(passes):
+        p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+        x = sum(p[:, i:i + x.shape[1], j:j + x.shape[2]] for i in range(3) for j in range(3)) / 9
+    return x.round().astype(np.uint8)
+
+
+def test_detector_reads_patterns_through_blur(detector):
+    """A decoder blurs a pattern's dark shade towards the body colour: the layout must still be read, and
+    plain bodies (whose rims blur into the background) must stay plain."""
+    specs, clips = _random_clips(5, 40, 64, 64)
+    found = [detector.identify(_box_blur(clip, 2)) for clip in clips]
+    truth = [spec.characters[0] for spec in specs]
+    pattern = np.mean([f is not None and f.character.pattern == t.pattern for f, t in zip(found, truth)])
+    plain = [f is not None and f.character.pattern == "plain" for f, t in zip(found, truth) if t.pattern == "plain"]
+    assert pattern >= 0.9 and len(plain) >= 5 and all(plain), (pattern, plain)
+    with pytest.raises(ValueError, match="pattern_min_fit"):
+        DetectorConfig(pattern_min_fit=1.5)
+
+
 def test_detector_finds_two_characters_reports_poses_and_nothing_on_empty_scenes(detector):
     a, b = Character("circle", "red", "striped", "hat"), Character("triangle", "blue", "dotted", "glasses")
     scene = Scene("meadow", (Prop("tree", 0.5),))

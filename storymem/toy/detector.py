@@ -15,8 +15,9 @@ It knows what :mod:`storymem.toy.world` draws and fits it (analysis by synthesis
    (shape, accessory) readings then compete on every pixel's label - body, accessory or neither - as the
    soft intersection over union of the observed colour memberships and the anti-aliased templates, with
    their poses refined. A small handicap keeps upside-down readings for frames that need them (spins).
-4. **Pattern.** Inside the body the brightness is compared with each pattern's expected brightness (the
-   dark shade is half the body colour), with a fitted gain and a small phase search for pose errors.
+4. **Pattern.** Inside the body the brightness is regressed on each pattern's dark-shade coverage (offset
+   and contrast fitted, a small phase search for pose errors); the pattern that explains the most of the
+   brightness variance wins, when it explains enough of it with a darker shade, else the body is plain.
 
 Frames are first reduced so that a body is about ``working_scale`` pixels in half-size, which keeps the cost
 per frame at a few tens of milliseconds at any resolution. A clip is judged on a few evenly spread frames
@@ -83,7 +84,13 @@ class DetectorConfig:
         max_frames: frames of a clip that are analysed (evenly spread).
         template_size: resolution of the canonical templates (cells per side over ``[-2.2, 2.2]``).
         sharpness: how sharply fit scores turn into attribute probabilities (softmax inverse temperature).
-        pattern_sharpness: the same for the pattern's relative squared error.
+        pattern_sharpness: the same for the share of brightness variance a pattern explains.
+        pattern_min_fit: share of the body's brightness variance a pattern must explain to be read (below
+            it the body is plain).
+        pattern_min_contrast: least darkening of the pattern's shade, relative to the body's brightness, for
+            a pattern to be read (the world draws 1 - PATTERN_SHADE = 0.5; blur lowers it).
+        pattern_margin: pixels (at the working scale) kept between the pixels a pattern is judged on and the
+            body's edge or the accessory (small bodies fall back to half a pixel).
         candidates: best silhouette fits that compete again with their accessories on every pixel.
         upright_prior: score handicap of an upside-down reading (scaled by (1 - cos angle) / 2).
     """
@@ -97,7 +104,10 @@ class DetectorConfig:
     max_frames: int = 6
     template_size: int = 221
     sharpness: float = 40.0
-    pattern_sharpness: float = 400.0
+    pattern_sharpness: float = 20.0
+    pattern_min_fit: float = 0.15
+    pattern_min_contrast: float = 0.1
+    pattern_margin: float = 1.0
     candidates: int = 5
     upright_prior: float = 0.03
 
@@ -109,6 +119,10 @@ class DetectorConfig:
                 or self.working_scale < 4):
             raise ValueError("max_frames, min_pixels and candidates must be >= 1, template_size >= 32 and "
                              "working_scale >= 4")
+        if (not 0.0 < self.pattern_min_fit < 1.0 or not 0.0 <= self.pattern_min_contrast < 1.0
+                or self.pattern_margin < 0):
+            raise ValueError(f"pattern_min_fit must be in (0, 1), pattern_min_contrast in [0, 1) and pattern_margin "
+                             f">= 0, got {self.pattern_min_fit}, {self.pattern_min_contrast}, {self.pattern_margin}")
 
 
 @dataclass(frozen=True)
@@ -406,41 +420,61 @@ class IdentityDetector:
 
     def _fit_pattern(self, fit: _Fit, accessory: str, angle_options: list[float], body_pixels, value, px, py):
         """(pattern, probabilities over PATTERNS): the brightness inside the body (away from its edges and the
-        accessory) against each pattern's expected brightness, with a fitted gain; the best orientation and a
-        small phase search absorb pose errors."""
+        accessory) regressed on each pattern's dark-shade coverage, over the orientations the silhouette leaves
+        open and a small phase search for pose errors.
+
+        The fit has its own offset and contrast: a decoder or a codec blurs a pattern's dark shade towards the
+        body colour, which lowers its contrast but keeps its layout, so the layout (the share of the brightness
+        variance the pattern explains) decides, and contrast only has to reach ``pattern_min_contrast``."""
+        cfg = self.config
         ss = 3
         offsets = (np.arange(ss, dtype=np.float32) + 0.5) / ss - 0.5
         ox, oy = np.meshgrid(offsets, offsets)
         ox, oy = ox.ravel(), oy.ravel()
-        best_sse = {p: np.inf for p in PATTERNS}
+        rim_x, rim_y = (a.ravel() for a in np.meshgrid(np.float32([-1, 0, 1]), np.float32([-1, 0, 1])))
+        explained = {p: 0.0 for p in PATTERNS[1:]}
+        judged = False
         for angle in angle_options:
             x, y = self._rotate_about_centroid(fit.shape, fit, angle)
             pose = Pose(x, y, fit.scale, angle)
             sx = px[:, None] + ox[None, :]
             sy = py[:, None] + oy[None, :]
             u, v = pose.to_canonical(sx, sy)
-            inside = body_mask(fit.shape, u, v).all(1)
-            if accessory != "none":
-                inside &= ~accessory_mask(accessory, fit.shape, u, v).any(1)
-            inside &= body_pixels
+            # Judge only pixels a margin away from the body's edge and the accessory: blur carries the
+            # background and the accessory into the body's rim, which a pattern would then be fitted to.
+            inside = None
+            for margin in (cfg.pattern_margin, 0.5):
+                mu, mv = pose.to_canonical(px[:, None] + margin * rim_x[None, :], py[:, None] + margin * rim_y[None, :])
+                inside = body_mask(fit.shape, mu, mv).all(1) & body_pixels
+                if accessory != "none":
+                    inside &= ~accessory_mask(accessory, fit.shape, mu, mv).any(1)
+                if inside.sum() >= 6:
+                    break
             if inside.sum() < 6:
                 continue
+            judged = True
             observed = value[inside]
+            centred = observed - observed.mean()
+            spread = float((centred * centred).sum())
             uu, vv = u[inside], v[inside]
-            for pattern in PATTERNS:
-                phases = [(0.0, 0.0)] if pattern == "plain" else [(a, b) for a in (-0.15, 0.0, 0.15)
-                                                                   for b in (-0.15, 0.0, 0.15)]
-                for phase in phases:
+            for pattern in PATTERNS[1:]:
+                for phase in [(a, b) for a in (-0.15, 0.0, 0.15) for b in (-0.15, 0.0, 0.15)]:
                     dark = pattern_mask(pattern, uu, vv, phase).mean(1)
-                    expected = 1.0 - (1.0 - PATTERN_SHADE) * dark
-                    gain = float((observed * expected).sum() / max((expected * expected).sum(), 1e-6))
-                    sse = float(((observed - gain * expected) ** 2).sum() / max((observed ** 2).sum(), 1e-6))
-                    best_sse[pattern] = min(best_sse[pattern], sse)
-        sse = np.array([best_sse[p] for p in PATTERNS])
-        if not np.isfinite(sse).any():  # no interior pixels to judge by
+                    d = dark - dark.mean()
+                    dd = float((d * d).sum())
+                    if dd < 1e-6 or spread < 1e-9:
+                        continue
+                    slope = float((d * centred).sum()) / dd  # brightness change from body to dark shade
+                    level = float(observed.mean()) - slope * float(dark.mean())  # the body's own brightness
+                    if -slope < cfg.pattern_min_contrast * max(level, 1e-6):
+                        continue
+                    explained[pattern] = max(explained[pattern], slope * slope * dd / spread)
+        if not judged:  # no interior pixels to judge by
             return "plain", np.full(len(PATTERNS), 1.0 / len(PATTERNS))
-        probs = _softmax(-np.nan_to_num(sse, posinf=1.0), self.config.pattern_sharpness)
-        return PATTERNS[int(sse.argmin())], probs
+        # Plain scores the least explained share a pattern must reach.
+        scores = np.array([cfg.pattern_min_fit] + [explained[p] for p in PATTERNS[1:]])
+        probs = _softmax(scores, cfg.pattern_sharpness)
+        return PATTERNS[int(scores.argmax())], probs
 
     def _labels(self, shape: str, accessory: str, x, y, scale, angle, px, py) -> np.ndarray:
         """Rendered labels (1 body, 3 accessory, 0 neither) for a batch of poses: int8 [poses, points]."""
