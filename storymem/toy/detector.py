@@ -41,7 +41,6 @@ import numpy as np
 from .world import (
     ACCESSORIES,
     COLOURS,
-    PATTERN_SHADE,
     PATTERNS,
     SHAPES,
     Character,
