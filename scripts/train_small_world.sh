@@ -15,8 +15,9 @@
 # assemble makes RUN/final/base, which the later stages use when it exists. The shipped weights: stories vae base
 # refine, continue twice (seeds 3 and 4, 7.6 and 7.5 minutes; decoder ran beside the second), continue three more
 # times with CONTINUE_BATCH=256 CONTINUE_LR=1.2e-4 CONTINUE_WARMUP=100 CONTINUE_MINUTES=7.4 (seeds 5, 6, 7: a lower
-# learning rate than the first rounds, whose loss rose again at 3e-4), assemble, clips prepare lora (LORA_BATCH=32
-# LORA_WORKERS=4 LORA_MINUTES=6.55). A decoder-only VAE leaves the latents as they were, so continue rounds and
+# learning rate than the first rounds, whose loss rose again at 3e-4) and four more the same way (seeds 8-11; seed
+# 10 for 6.7 minutes), assemble, clips prepare lora (LORA_BATCH=32 LORA_WORKERS=4 LORA_MINUTES=5.85). A
+# decoder-only VAE leaves the latents as they were, so continue rounds and
 # the decoder can run in any order; assemble puts the newest transformer and the tuned decoder together.
 set -euo pipefail
 
