@@ -84,12 +84,13 @@ print('assembled', final, 'from', src, '+ decoder' if (tuned / 'config.json').is
     clips)  # clustered single-shot clips: 12 clips of each of 160 characters, one cluster per character
       $PY -c "from storymem.toy.datasets import make_clip_dataset
 from storymem.toy.train_base import story_identities
-make_clip_dataset('$RUN/clips', num_identities=160, clips_per_identity=12, num_frames=17, height=64, width=64,
-                  seed=1, exclude=story_identities('$RUN/stories'), workers=$WORKERS)" ;;
+make_clip_dataset('$RUN/clips', num_identities=${CLIP_IDENTITIES:-160}, clips_per_identity=${CLIPS_PER_IDENTITY:-12},
+                  num_frames=17, height=64, width=64, seed=1, referential_prob=${CLIP_REFERENTIAL:-0.25},
+                  exclude=story_identities('$RUN/stories'), workers=$WORKERS)" ;;
     prepare)
       $PY train_lora.py prepare --manifest "$RUN/clips/manifest.jsonl" --out "$RUN/prepared" --base "$(final_base)" \
         --height 64 --width 64 --num-frames 17 --embedder pixel --memory-candidates 4 --contexts mi2v \
-        --device "$DEVICE" --decode-workers "$WORKERS" --encode-batch-size 64 --no-progress ;;
+        --device "$DEVICE" --decode-workers "$WORKERS" --encode-batch-size "${ENCODE_BATCH:-64}" --no-progress ;;
     lora)  # the adapter with negative memory RoPE, and one with contiguous RoPE for the ablation, side by side
       for rope in negative contiguous; do
         config=lora_configs/toy_m2v.json
@@ -97,8 +98,9 @@ make_clip_dataset('$RUN/clips', num_identities=160, clips_per_identity=12, num_f
         $PY train_lora.py train --config "$config" --data "$RUN/prepared" --base "$(final_base)" \
           --output "$RUN/lora_$rope" --expert all --flow-shift 3 --train-batch-size "${LORA_BATCH:-16}" --learning-rate 3e-4 \
           --lr-scheduler constant_with_warmup --lr-warmup-steps 100 --max-train-steps 100000 \
-          --max-train-minutes "${LORA_MINUTES:-4}" --checkpointing-steps 100000 --no-gradient-checkpointing \
-          --mixed-precision bf16 --dataloader-num-workers "${LORA_WORKERS:-2}" > "$RUN/lora_$rope.log" 2>&1 &
+          --max-train-minutes "${LORA_MINUTES:-4}" --checkpointing-steps "${LORA_CHECKPOINT_STEPS:-100000}" --no-gradient-checkpointing \
+          --mixed-precision bf16 --dataloader-num-workers "${LORA_WORKERS:-2}" ${LORA_RESUME:+--resume latest} \
+          >> "$RUN/lora_$rope.log" 2>&1 &
       done
       wait
       tail -n 3 "$RUN"/lora_*.log ;;

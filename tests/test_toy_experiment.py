@@ -49,6 +49,22 @@ def test_scores_of_perfect_and_swapped_detections():
     assert m["distinct"] == pytest.approx(1 - 1 / len(mains))  # shot k now matches every shot of the other
     assert m["attribute_accuracy"]["shape"] == pytest.approx((n - 1) / n)  # the two never share a shape
 
+    # A shot that continues the previous one draws the other character: only `continued` (and the totals) drop.
+    shots = truth["shots"]
+    intros = [i for i in range(n) if identities[i] not in identities[:i]]
+    continued = [i for i in range(1, n) if i not in intros and shots[i]["cut"] is False]
+    assert intros == [0, others[0]] and continued
+    c = continued[0]
+    drifted = [_found(other if i == c else key) for i, key in enumerate(identities)] if identities[c] == main else \
+        [_found(main if i == c else key) for i, key in enumerate(identities)]
+    m = score_story(drifted, truth)["metrics"]
+    assert m["identity_consistency_introductions"] == 1 and m["identity_consistency_returns"] == 1
+    assert m["identity_consistency_continued"] == pytest.approx((len(continued) - 1) / len(continued))
+    assert score_story([_found(k) for k in identities], truth)["metrics"]["identity_consistency_continued"] == 1
+    # The second character's introduction drifts to the first: only `intro.` (and the totals) drop.
+    m = score_story([_found(main if i == others[0] else key) for i, key in enumerate(identities)], truth)["metrics"]
+    assert m["identity_consistency_introductions"] == 0.5 and m["identity_consistency_continued"] == 1
+
     # No detection: wrong, and it neither agrees with nor tells apart anything.
     missing = [None if i == 0 else _found(key) for i, key in enumerate(identities)]
     scored = score_story(missing, truth)
@@ -157,7 +173,7 @@ def test_experiment_on_two_stories(models, tmp_path, monkeypatch):
     assert "mi2v" in [s["mode"] for s in manifests["m2v"]["shots"]]
 
     table = (out / "results.md").read_text()
-    assert table.splitlines()[0].startswith("| condition | identity | returns | after 1st | self-cons.")
+    assert table.splitlines()[0].startswith("| condition | identity | returns | after 1st | intro. | continued | self-cons.")
     assert [line.split(" | ")[0] for line in table.splitlines()[2:5]] == ["| ground_truth", "| independent", "| m2v"]
     assert "on CPU" in table and "not CLIP" in table
 

@@ -28,6 +28,10 @@ index), and every shot is judged by the toy world's ground-truth :class:`~storym
   identity (``truth/story_NNN.json`` ``shots[i].identity``); a shot with no detection counts as wrong;
 * ``returns`` - the same over the shots where the main character returns (``truth["returns"]``);
 * ``after 1st`` - the same over shots 2..N (shot 1 never has memory);
+* ``intro.`` / ``continued`` - the same over the shots that introduce a character (its first shot in the story:
+  only the prompt can say who it is, memory can only mislead) and over the shots that continue the previous
+  one (``cut: false``: the previous shot's last frame starts them, their prompts mostly say "the same
+  character"). Together with ``returns`` they separate the three ways a shot learns who to draw;
 * ``shape`` / ``colour`` / ``pattern`` / ``accessory`` - per-attribute accuracy;
 * ``self-cons.`` - share of shot pairs meant to show the same character whose detections are the same
   character (all four attributes; needs no identity, only which shots share a character);
@@ -539,7 +543,8 @@ def score_story(detections: Sequence, truth: dict) -> dict:
     returns = set(truth.get("returns", []))
     records = []
     counts = {"shots": 0, "correct": 0, "detected": 0, "returns": 0, "returns_correct": 0, "after_first": 0,
-              "after_first_correct": 0, "same_pairs": 0, "same_pairs_agree": 0, "different_pairs": 0,
+              "after_first_correct": 0, "introductions": 0, "introductions_correct": 0, "continued": 0,
+              "continued_correct": 0, "same_pairs": 0, "same_pairs_agree": 0, "different_pairs": 0,
               "different_pairs_distinct": 0, **{f"{a}_correct": 0 for a in ATTRIBUTES}}
     for i, (found, shot) in enumerate(zip(detections, shots)):
         want = as_character(shot["identity"])
@@ -560,6 +565,12 @@ def score_story(detections: Sequence, truth: dict) -> dict:
         if i > 0:
             counts["after_first"] += 1
             counts["after_first_correct"] += correct
+        if all(shots[j]["identity"] != shot["identity"] for j in range(i)):
+            counts["introductions"] += 1
+            counts["introductions_correct"] += correct
+        elif i > 0 and shot.get("cut") is False:
+            counts["continued"] += 1
+            counts["continued_correct"] += correct
     for i in range(len(shots)):
         for j in range(i + 1, len(shots)):
             if shots[i]["identity"] == shots[j]["identity"]:
@@ -582,6 +593,10 @@ def _shares(counts: dict) -> dict:
         "identity_consistency": _share(counts["correct"], counts["shots"]),
         "identity_consistency_returns": _share(counts["returns_correct"], counts["returns"]),
         "identity_consistency_after_first": _share(counts["after_first_correct"], counts["after_first"]),
+        # .get: results written before these counts existed still pool and print.
+        "identity_consistency_introductions": _share(counts.get("introductions_correct", 0),
+                                                     counts.get("introductions", 0)),
+        "identity_consistency_continued": _share(counts.get("continued_correct", 0), counts.get("continued", 0)),
         "attribute_accuracy": {a: _share(counts[f"{a}_correct"], counts["shots"]) for a in ATTRIBUTES},
         "self_consistency": _share(counts["same_pairs_agree"], counts["same_pairs"]),
         "distinct": _share(counts["different_pairs_distinct"], counts["different_pairs"]),
@@ -690,7 +705,7 @@ def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-TABLE_COLUMNS = ("identity", "returns", "after 1st", "self-cons.", "distinct", "shape", "colour", "pattern",
+TABLE_COLUMNS = ("identity", "returns", "after 1st", "intro.", "continued", "self-cons.", "distinct", "shape", "colour", "pattern",
                  "accessory", "pixel all", "pixel top-10", "s/shot")
 
 
@@ -707,6 +722,7 @@ def format_table(results: dict) -> str:
         if a.get("identity_consistency_story_stderr") is not None:
             identity += f" ± {a['identity_consistency_story_stderr']:.3f}"
         cells = [identity, _fmt(a["identity_consistency_returns"]), _fmt(a["identity_consistency_after_first"]),
+                 _fmt(a.get("identity_consistency_introductions")), _fmt(a.get("identity_consistency_continued")),
                  _fmt(a["self_consistency"]), _fmt(a["distinct"]),
                  *(_fmt(a["attribute_accuracy"][k]) for k in ATTRIBUTES),
                  _fmt(a["pixel_consistency_all"]), _fmt(a["pixel_consistency_top_k"]), _fmt(a["seconds_per_shot"], 2)]
@@ -723,7 +739,8 @@ def format_table(results: dict) -> str:
         f"guidance {settings['guidance']}, shift {settings['shift']}, empty negative prompt, seed "
         f"{settings['render_seed']} + shot index.",
         "identity: share of shots whose detected character is the ground truth (± standard error over stories); "
-        "returns: shots where the main character returns; after 1st: shots 2..N; self-cons.: pairs meant to "
+        "returns: shots where the main character returns; after 1st: shots 2..N; intro.: a character's first "
+        "shot; continued: shots that continue the previous one (cut: false); self-cons.: pairs meant to "
         "show one character detected as the same; distinct: pairs meant to differ detected as different; "
         "shape..accessory: per-attribute accuracy.",
         f"pixel all / top-10: cross-shot consistency (all pairs / the {TOP_K} pairs with the most similar "
