@@ -8,7 +8,11 @@
 # Environment: DEVICE (cuda), WORKERS (16), VAE_MINUTES (5), VAE2_MINUTES (2.5), BASE_MINUTES (4),
 # REFINE_VAE_MINUTES (2.7), REFINE_MINUTES (4.6), CONTINUE_MINUTES (7.5), CONTINUE_SEED (3), CONTINUE_BATCH (128),
 # CONTINUE_LR (3e-4), CONTINUE_WARMUP (200), DECODER_MINUTES (6.5), LORA_MINUTES (4), LORA_BATCH (16), LORA_WORKERS (2),
-# PYTHON (python), VAE_INIT.
+# LORA_CHECKPOINT_STEPS (100000), LORA_RESUME (set: continue both adapters from their latest checkpoints),
+# LORA_CAPTION_DROPOUT and LORA_MI2V_PROB (train_lora.py's defaults when unset),
+# CLIP_IDENTITIES (160), CLIPS_PER_IDENTITY (12), CLIP_REFERENTIAL (0.25: the share of clip captions that refer to the
+# character instead of naming it; half of those say only "the same character"), ENCODE_BATCH (64), PYTHON (python),
+# VAE_INIT.
 #
 # base gives a first model in minutes; refine, continue (run it again with another CONTINUE_SEED for more) and
 # decoder train it further, each stage a process of under 10 minutes that starts from the last one's folder;
@@ -100,6 +104,7 @@ make_clip_dataset('$RUN/clips', num_identities=${CLIP_IDENTITIES:-160}, clips_pe
           --lr-scheduler constant_with_warmup --lr-warmup-steps 100 --max-train-steps 100000 \
           --max-train-minutes "${LORA_MINUTES:-4}" --checkpointing-steps "${LORA_CHECKPOINT_STEPS:-100000}" --no-gradient-checkpointing \
           --mixed-precision bf16 --dataloader-num-workers "${LORA_WORKERS:-2}" ${LORA_RESUME:+--resume latest} \
+          ${LORA_CAPTION_DROPOUT:+--caption-dropout $LORA_CAPTION_DROPOUT} ${LORA_MI2V_PROB:+--mi2v-prob $LORA_MI2V_PROB} \
           >> "$RUN/lora_$rope.log" 2>&1 &
       done
       wait

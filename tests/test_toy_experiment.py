@@ -242,3 +242,48 @@ def test_bad_input_fails_before_rendering(case, models, tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert err.startswith("error:") and expected in err, err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- memory check
+def _memory_check_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_memory_check.py"
+    spec = importlib.util.spec_from_file_location("toy_memory_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_check_inputs_and_run(models, tmp_path):
+    check = _memory_check_module()
+    cases = check.make_cases(3, seed=4, frames=5, size=32)
+    again = check.make_cases(3, seed=4, frames=5, size=32)
+    assert [c["character"].key for c in cases] == [c["character"].key for c in again]
+    assert all(np.array_equal(a["memory"], b["memory"]) for a, b in zip(cases, again))
+    case = cases[0]
+    assert case["other"].key != case["character"].key
+    # Each condition gives the model exactly what its description says, and names who memory shows.
+    prompt, kwargs, remembered = check.shot_inputs("same+memory", case, 5)
+    assert prompt.startswith("the same character") and len(kwargs["memory_images"]) == 3 and "first_frame" not in kwargs
+    assert remembered == case["character"]
+    assert np.array_equal(np.asarray(kwargs["memory_images"][0]), case["memory"][0])
+    prompt, kwargs, remembered = check.shot_inputs("named+other-memory", case, 5)
+    assert prompt == case["target"].caption("first") and remembered == case["other"]
+    assert np.array_equal(np.asarray(kwargs["memory_images"][-1]), case["other_memory"][4])  # frame 16 -> last
+    prompt, kwargs, remembered = check.shot_inputs("same+first-frame", case, 5)
+    assert np.array_equal(np.asarray(kwargs["first_frame"]), case["truth"][0]) and remembered is None
+    with pytest.raises(ValueError, match="unknown condition"):
+        check.shot_inputs("memory", case, 5)
+
+    out = tmp_path / "check"
+    results = check.main(["--base", str(models / "base"), "--adapter", str(models / "adapter"), "--count", "2",
+                          "--steps", "1", "--frames", "5", "--size", "32", "--device", "cpu", "--out", str(out),
+                          "--conditions", "same,same+memory"])
+    saved = json.loads((out / "memory_check.json").read_text())
+    assert list(saved["results"]) == ["same", "same+memory"] and saved["results"] == json.loads(json.dumps(results))
+    assert saved["results"]["same"]["memory"] is None and 0 <= saved["results"]["same+memory"]["memory"] <= 1
+    assert (out / "memory_check.png").is_file()
+    with pytest.raises(SystemExit):
+        check.main(["--base", str(models / "base"), "--conditions", "same,copy"])

@@ -1,0 +1,161 @@
+"""What a small-world adapter takes from memory, one mechanism at a time: single shots of random characters,
+judged by the toy world's identity detector.
+
+    python benchmarks/toy_memory_check.py --base storymem/toy/weights/base --adapter storymem/toy/weights/adapter \
+        [--count 32] [--steps 8] [--conditions ...] [--device cpu] [--out check]
+
+Each character gets a target clip (scene, motion) and a memory clip of the same character in another scene;
+memory is frames 0, 8 and 16 of the memory clip (what keyframe selection keeps of a shot). Conditions:
+
+* ``named`` - the prompt names the character, no memory: what the model draws from text alone;
+* ``same`` - "the same character ...", no memory: nothing says who, so this is chance;
+* ``same+memory`` - "the same character ..." with memory: a story's memory-only shot; the character can
+  only come from memory, so identity here is copying from memory;
+* ``same+first-frame`` - "the same character ..." with the target's true first frame (MI2V, no memory): a
+  continued shot;
+* ``named+other-memory`` - the prompt names the character, memory shows another one: a new character's
+  introduction; ``memory`` is the share drawn as the remembered character instead (drift).
+
+Prints identity (the intended character), per-attribute accuracy and, where memory is given, the share drawn
+as the remembered character; ``--out`` writes ``memory_check.json`` and a contact sheet (per condition, for the
+first characters: memory frame, then the shot's frames 0, 8, 16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from storymem.toy.detector import ATTRIBUTES, IdentityDetector  # noqa: E402
+from storymem.toy.world import Character, ClipSpec  # noqa: E402
+
+CONDITIONS = ("named", "same", "same+memory", "same+first-frame", "named+other-memory")
+MEMORY_FRAMES = (0, 8, 16)
+
+
+def make_cases(count: int, seed: int, frames: int, size: int) -> list[dict]:
+    """Target, memory clip and a different character's memory clip for ``count`` random characters."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(count):
+        character = Character.random(rng)
+        other = Character.random(rng)
+        while other.key == character.key:
+            other = Character.random(rng)
+        target = ClipSpec.random(rng, character)
+        cases.append({"character": character, "other": other, "target": target,
+                      "truth": target.render(frames, size, size),
+                      "memory": ClipSpec.random(rng, character).render(frames, size, size),
+                      "other_memory": ClipSpec.random(rng, other).render(frames, size, size)})
+    return cases
+
+
+def shot_inputs(condition: str, case: dict, frames: int) -> tuple[str, dict, Character | None]:
+    """Prompt, pipeline inputs and the remembered character (None without memory) of one condition."""
+    from PIL import Image
+
+    picks = [min(i, frames - 1) for i in MEMORY_FRAMES]
+    target = case["target"]
+    if condition == "named":
+        return target.caption("first"), {}, None
+    if condition == "same":
+        return target.caption("same"), {}, None
+    if condition == "same+memory":
+        return target.caption("same"), {"memory_images": [Image.fromarray(case["memory"][i]) for i in picks]}, \
+            case["character"]
+    if condition == "same+first-frame":
+        return target.caption("same"), {"first_frame": Image.fromarray(case["truth"][0])}, None
+    if condition == "named+other-memory":
+        return target.caption("first"), {"memory_images": [Image.fromarray(case["other_memory"][i]) for i in picks]}, \
+            case["other"]
+    raise ValueError(f"unknown condition {condition!r}; expected one of {', '.join(CONDITIONS)}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--adapter", help="M2V adapter to load (without: the base alone, memory included)")
+    ap.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated subset of the conditions")
+    ap.add_argument("--count", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--guidance", type=float, default=3.5)
+    ap.add_argument("--frames", type=int, default=17)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, help="folder for memory_check.json and the contact sheet")
+    args = ap.parse_args(argv)
+    conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    unknown = [c for c in conditions if c not in CONDITIONS]
+    if unknown or not conditions:
+        ap.error(f"--conditions: unknown {unknown} (choose from {', '.join(CONDITIONS)})")
+    if args.count < 1 or args.steps < 1 or args.frames < 1:
+        ap.error("--count, --steps and --frames must be >= 1")
+
+    from storymem import StoryMemPipeline
+
+    pipe = StoryMemPipeline.from_pretrained(args.base, torch_dtype=torch.float32).to(args.device)
+    if args.adapter:
+        pipe.load_storymem_lora(args.adapter)
+    pipe.set_progress_bar_config(disable=True)
+    detector = IdentityDetector()
+    cases = make_cases(args.count, args.seed, args.frames, args.size)
+    results, sheets = {}, []
+    for condition in conditions:
+        hits = {a: 0 for a in ATTRIBUTES}
+        whole, remembered, found, seconds = 0, 0, 0, 0.0
+        rows = []
+        for i, case in enumerate(cases):
+            prompt, kwargs, memory_character = shot_inputs(condition, case, args.frames)
+            generator = torch.Generator("cpu").manual_seed(args.seed + i)
+            start = time.perf_counter()
+            frames = pipe(prompt=prompt, negative_prompt="", height=args.size, width=args.size,
+                          num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                          generator=generator, output_type="np", **kwargs).frames[0]
+            seconds += time.perf_counter() - start
+            video = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+            detection = detector.identify(video)
+            if detection is not None:
+                found += 1
+                whole += detection.character.key == case["character"].key
+                for a in ATTRIBUTES:
+                    hits[a] += getattr(detection.character, a) == getattr(case["character"], a)
+                if memory_character is not None:
+                    remembered += detection.character.key == memory_character.key
+            if i < 6:
+                first = kwargs.get("memory_images", [kwargs.get("first_frame")])[0]
+                first = np.zeros_like(video[0]) if first is None else np.asarray(first)
+                picks = [min(j, len(video) - 1) for j in MEMORY_FRAMES]
+                rows.append(np.concatenate([first, *video[picks]], axis=1))
+        n = len(cases)
+        results[condition] = {"identity": whole / n, **{a: hits[a] / n for a in ATTRIBUTES},
+                              "memory": None if condition not in ("same+memory", "named+other-memory")
+                              else remembered / n, "detected": found / n, "seconds_per_shot": seconds / n}
+        sheets.append(np.concatenate(rows, axis=0))
+        memory = results[condition]["memory"]
+        print(f"{condition:20s} identity {whole / n:.3f}  " + "  ".join(f"{a} {hits[a] / n:.3f}" for a in ATTRIBUTES)
+              + (f"  drawn as the remembered character {memory:.3f}" if memory is not None else "")
+              + f"  {seconds / n:.2f} s/shot", flush=True)
+    if args.out:
+        from PIL import Image
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        (args.out / "memory_check.json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+        sheet = np.concatenate(sheets, axis=1)
+        Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(
+            args.out / "memory_check.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()
