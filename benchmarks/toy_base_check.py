@@ -6,6 +6,12 @@ characters, text-to-video and image-to-video, judged by the toy world's identity
 
 Prints per-attribute accuracy and the share of shots whose whole identity is right, for T2V (prompt only) and
 I2V (prompt + the true first frame), and writes a contact sheet of the first shots (``--out``).
+
+``--modes t2v,i2v,i2v-cut`` adds shots that cut once to the same character elsewhere
+(:func:`storymem.toy.train_base.cut_clip`): the true first frame is given and the prompt says only "the same
+character ... then the same character ...", so the character after the cut can only come from the frames before
+it. They are judged after the cut: the base's skill of finding a character in one place and drawing it in
+another, which an M2V adapter needs to read memory.
 """
 
 from __future__ import annotations
@@ -23,7 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from storymem.toy.detector import ATTRIBUTES, IdentityDetector  # noqa: E402
+from storymem.toy.train_base import cut_clip  # noqa: E402
 from storymem.toy.world import Character, ClipSpec  # noqa: E402
+
+
+MODES = ("t2v", "i2v", "i2v-cut")
 
 
 def held_out_characters(stories: Path | None, count: int, seed: int) -> list[Character]:
@@ -48,8 +58,12 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--modes", default="t2v,i2v", help="comma-separated: t2v, i2v, i2v-cut")
     ap.add_argument("--out", type=Path, help="folder for results.json and the contact sheet")
     args = ap.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--modes: choose from {', '.join(MODES)}, got {args.modes!r}")
 
     from storymem import StoryMemPipeline
 
@@ -62,19 +76,23 @@ def main(argv=None):
     characters = held_out_characters(args.stories, args.count, args.seed)
     results = {}
     sheets = {}
-    for mode in ("t2v", "i2v"):
+    for mode in modes:
         hits = {a: 0 for a in ATTRIBUTES}
         whole, found, seconds = 0, 0, 0.0
         rows = []
         for i, character in enumerate(characters):
             spec = ClipSpec.random(rng, character)
-            truth = spec.render(args.frames, args.size, args.size)
-            prompt = spec.caption("first")
+            if mode == "i2v-cut":
+                truth, prompt, cut = cut_clip(rng, spec, "same", args.frames, args.size, args.size)
+            else:
+                truth, prompt, cut = spec.render(args.frames, args.size, args.size), spec.caption("first"), 0
             kwargs = {}
-            if mode == "i2v":
+            if mode in ("i2v", "i2v-cut"):
                 from PIL import Image
 
                 kwargs["first_frame"] = Image.fromarray(truth[0])
+            if mode == "i2v-cut":  # keep frame 0 in the output, so frame indices are the truth's and the cut's
+                kwargs["drop_context_frames"] = False
             generator = torch.Generator("cpu").manual_seed(args.seed + i)
             start = time.perf_counter()
             frames = pipe(prompt=prompt, negative_prompt="", height=args.size, width=args.size,
@@ -82,7 +100,7 @@ def main(argv=None):
                           generator=generator, output_type="np", **kwargs).frames[0]
             seconds += time.perf_counter() - start
             video = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
-            detection = detector.identify(video)
+            detection = detector.identify(video[cut:])
             if detection is not None:
                 found += 1
                 for a in ATTRIBUTES:
@@ -103,7 +121,7 @@ def main(argv=None):
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "base_check.json").write_text(json.dumps(results, indent=1))
         # Per mode: columns are characters; in each, truth (left) and model (right) at frames 0, mid, last.
-        sheet = np.concatenate([sheets["t2v"], sheets["i2v"]], axis=0)
+        sheet = np.concatenate([sheets[m] for m in modes], axis=0)
         Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(
             args.out / "base_check.png")
     return results

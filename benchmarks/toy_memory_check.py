@@ -11,6 +11,8 @@ memory is frames 0, 8 and 16 of the memory clip (what keyframe selection keeps o
 * ``same`` - "the same character ...", no memory: nothing says who, so this is chance;
 * ``same+memory`` - "the same character ..." with memory: a story's memory-only shot; the character can
   only come from memory, so identity here is copying from memory;
+* ``same+scene-memory`` - as ``same+memory``, but the memory clip is in the target's own scene (background
+  and props), the character elsewhere in the frame: shots of one scene, easier to copy from;
 * ``same+first-frame`` - "the same character ..." with the target's true first frame (MI2V, no memory): a
   continued shot;
 * ``named+other-memory`` - the prompt names the character, memory shows another one: a new character's
@@ -38,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from storymem.toy.detector import ATTRIBUTES, IdentityDetector  # noqa: E402
 from storymem.toy.world import Character, ClipSpec  # noqa: E402
 
-CONDITIONS = ("named", "same", "same+memory", "same+first-frame", "named+other-memory")
+CONDITIONS = ("named", "same", "same+memory", "same+scene-memory", "same+first-frame", "named+other-memory")
 MEMORY_FRAMES = (0, 8, 16)
 
 
@@ -56,6 +58,11 @@ def make_cases(count: int, seed: int, frames: int, size: int) -> list[dict]:
                       "truth": target.render(frames, size, size),
                       "memory": ClipSpec.random(rng, character).render(frames, size, size),
                       "other_memory": ClipSpec.random(rng, other).render(frames, size, size)})
+    # Drawn from a stream of their own, so the cases above stay what they were before this condition existed.
+    scene_rng = np.random.default_rng([seed, 1])
+    for case in cases:
+        spec = ClipSpec.random(scene_rng, case["character"], scene=case["target"].scene)
+        case["scene_memory"] = spec.render(frames, size, size)
     return cases
 
 
@@ -72,6 +79,9 @@ def shot_inputs(condition: str, case: dict, frames: int) -> tuple[str, dict, Cha
     if condition == "same+memory":
         return target.caption("same"), {"memory_images": [Image.fromarray(case["memory"][i]) for i in picks]}, \
             case["character"]
+    if condition == "same+scene-memory":
+        return target.caption("same"), \
+            {"memory_images": [Image.fromarray(case["scene_memory"][i]) for i in picks]}, case["character"]
     if condition == "same+first-frame":
         return target.caption("same"), {"first_frame": Image.fromarray(case["truth"][0])}, None
     if condition == "named+other-memory":
@@ -138,7 +148,7 @@ def main(argv=None):
                 rows.append(np.concatenate([first, *video[picks]], axis=1))
         n = len(cases)
         results[condition] = {"identity": whole / n, **{a: hits[a] / n for a in ATTRIBUTES},
-                              "memory": None if condition not in ("same+memory", "named+other-memory")
+                              "memory": None if memory_character is None
                               else remembered / n, "detected": found / n, "seconds_per_shot": seconds / n}
         sheets.append(np.concatenate(rows, axis=0))
         memory = results[condition]["memory"]

@@ -7,11 +7,13 @@
 # Stages, in order: stories vae base [refine continue decoder assemble] clips prepare lora experiment.
 # Environment: DEVICE (cuda), WORKERS (16), VAE_MINUTES (5), VAE2_MINUTES (2.5), BASE_MINUTES (4),
 # REFINE_VAE_MINUTES (2.7), REFINE_MINUTES (4.6), CONTINUE_MINUTES (7.5), CONTINUE_SEED (3), CONTINUE_BATCH (128),
-# CONTINUE_LR (3e-4), CONTINUE_WARMUP (200), DECODER_MINUTES (6.5), LORA_MINUTES (4), LORA_BATCH (16), LORA_WORKERS (2),
+# CONTINUE_LR (3e-4), CONTINUE_WARMUP (200), CONTINUE_CUT_PROB (unset: single shots; p: a share of the round's clips
+# cut once to the same character elsewhere, see storymem.toy.train_base.cut_clip), DECODER_MINUTES (6.5), LORA_MINUTES (4), LORA_BATCH (16), LORA_WORKERS (2),
 # LORA_CHECKPOINT_STEPS (100000), LORA_RESUME (set: continue both adapters from their latest checkpoints),
 # LORA_CAPTION_DROPOUT and LORA_MI2V_PROB (train_lora.py's defaults when unset),
 # CLIP_IDENTITIES (160), CLIPS_PER_IDENTITY (12), CLIP_REFERENTIAL (0.25: the share of clip captions that refer to the
-# character instead of naming it; half of those say only "the same character"), ENCODE_BATCH (64), PYTHON (python),
+# character instead of naming it; half of those say only "the same character"), CLIP_SCENES (unset: a new scene per
+# clip; k: each character's clips share k scenes), ENCODE_BATCH (64), PYTHON (python),
 # VAE_INIT.
 #
 # base gives a first model in minutes; refine, continue (run it again with another CONTINUE_SEED for more) and
@@ -66,7 +68,8 @@ make_story_set('$RUN/stories', count=20, seed=2026, num_shots=6, max_shots=8)" ;
       $PY -m storymem.toy.train_base --out "$RUN/continue_run_$seed" --init "$(latest_base)" \
         --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" --num-clips 16000 --seed "$seed" \
         --steps 100000 --batch-size "${CONTINUE_BATCH:-128}" --lr "${CONTINUE_LR:-3e-4}" \
-        --warmup-steps "${CONTINUE_WARMUP:-200}" --minutes "${CONTINUE_MINUTES:-7.5}" ;;
+        --warmup-steps "${CONTINUE_WARMUP:-200}" --minutes "${CONTINUE_MINUTES:-7.5}" \
+        ${CONTINUE_CUT_PROB:+--cut-prob $CONTINUE_CUT_PROB} ;;
     decoder)  # the VAE decoder only: the latent space, and every transformer trained on it, stay valid
       $PY -m storymem.toy.train_base --out "$RUN/decoder_run" --init "$(latest_base)" --retrain-vae \
         --vae-decoder-only --vae-only --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" \
@@ -90,7 +93,7 @@ print('assembled', final, 'from', src, '+ decoder' if (tuned / 'config.json').is
 from storymem.toy.train_base import story_identities
 make_clip_dataset('$RUN/clips', num_identities=${CLIP_IDENTITIES:-160}, clips_per_identity=${CLIPS_PER_IDENTITY:-12},
                   num_frames=17, height=64, width=64, seed=1, referential_prob=${CLIP_REFERENTIAL:-0.25},
-                  exclude=story_identities('$RUN/stories'), workers=$WORKERS)" ;;
+                  exclude=story_identities('$RUN/stories'), workers=$WORKERS, scenes_per_identity=${CLIP_SCENES:-None})" ;;
     prepare)
       $PY train_lora.py prepare --manifest "$RUN/clips/manifest.jsonl" --out "$RUN/prepared" --base "$(final_base)" \
         --height 64 --width 64 --num-frames 17 --embedder pixel --memory-candidates 4 --contexts mi2v \

@@ -11,6 +11,7 @@ import torch
 from storymem.toy.train_base import (
     ToyBaseConfig,
     build_base_components,
+    cut_clip,
     render_training_clips,
     story_identities,
     train_base,
@@ -31,6 +32,42 @@ def test_training_clips_are_deterministic_and_respect_exclusions():
     assert not np.array_equal(a[0], c[0])
     excluded = render_training_clips(40, 5, 32, 32, seed=3, exclude=a[2][:3])
     assert not set(a[2][:3]) & set(excluded[2])
+
+
+def test_cut_clips_keep_the_character_across_a_latent_aligned_cut():
+    from storymem.toy.detector import IdentityDetector
+    from storymem.toy.world import Character, ClipSpec
+
+    rng = np.random.default_rng(7)
+    detector = IdentityDetector()
+    cuts = set()
+    for _ in range(6):
+        character = Character.random(rng)
+        first = ClipSpec.random(rng, character)
+        video, caption, cut = cut_clip(rng, first, "first", 17, 64, 64)
+        cuts.add(cut)
+        assert video.shape == (17, 64, 64, 3) and cut in (5, 9, 13)  # after pixel frame 4j: latent-aligned
+        whole_first = first.render(17, 64, 64)
+        assert np.array_equal(video[:cut], whole_first[:cut]) and not np.array_equal(video[cut:], whole_first[cut:])
+        assert caption.startswith(first.caption("first") + " then the same character ")
+        # Both shots show the one character; only the first part of the caption names it.
+        assert detector.identify(video[:cut]).character.key == character.key
+        assert detector.identify(video[cut:]).character.key == character.key
+    assert len(cuts) > 1
+    with pytest.raises(ValueError, match="a cut needs"):
+        cut_clip(rng, first, "first", 5, 64, 64)
+
+    plain = render_training_clips(6, 9, 32, 32, seed=3, chunk=4)
+    assert all(np.array_equal(x, y) for x, y in zip(plain, render_training_clips(6, 9, 32, 32, seed=3, chunk=4,
+                                                                                  cut_prob=0.0)))
+    cut = render_training_clips(6, 9, 32, 32, seed=3, chunk=4, cut_prob=1.0)
+    again = render_training_clips(6, 9, 32, 32, seed=3, chunk=4, cut_prob=1.0, workers=2)
+    assert np.array_equal(cut[0], again[0]) and cut[1] == again[1] and cut[2][0] == plain[2][0]
+    assert all(" then the same character " in c for c in cut[1])
+    with pytest.raises(ValueError, match="cut_prob"):
+        render_training_clips(2, 9, 32, 32, cut_prob=1.5)
+    with pytest.raises(ValueError, match="cut_prob"):
+        ToyBaseConfig(cut_prob=-0.1).validate()
 
 
 def test_config_rejects_bad_sizes():
@@ -89,10 +126,11 @@ def test_continuing_from_a_base_keeps_its_vae_or_trains_only_its_decoder(tmp_pat
     first = train_base(ToyBaseConfig(**{**TINY, "steps": 4}), tmp_path / "a", device="cpu")
     assert first["transformer"]["steps"] == 4
     before = load_base_components(tmp_path / "a" / "base")
-    # Continue the transformer on new clips; the VAE is the init's, untouched.
-    cont = train_base(ToyBaseConfig(**{**TINY, "steps": 3, "seed": 5}), tmp_path / "b", device="cpu",
-                      init=str(tmp_path / "a" / "base"))
+    # Continue the transformer on new clips, half of them with a cut; the VAE is the init's, untouched.
+    cont = train_base(ToyBaseConfig(**{**TINY, "steps": 3, "seed": 5, "cut_prob": 0.5}), tmp_path / "b",
+                      device="cpu", init=str(tmp_path / "a" / "base"))
     assert cont["init"].endswith("base") and "reused" in cont["vae"] and cont["transformer"]["steps"] == 3
+    assert cont["config"]["cut_prob"] == 0.5
     after = load_base_components(tmp_path / "b" / "base")
     sd_before, sd_after = before["vae"].state_dict(), after["vae"].state_dict()
     assert all(torch.equal(sd_before[k], sd_after[k]) for k in sd_before)

@@ -245,15 +245,19 @@ def test_bad_input_fails_before_rendering(case, models, tmp_path, monkeypatch, c
 
 
 # ---------------------------------------------------------------------------------------------- memory check
-def _memory_check_module():
+def _benchmark_module(name: str):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_memory_check.py"
-    spec = importlib.util.spec_from_file_location("toy_memory_check", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _memory_check_module():
+    return _benchmark_module("toy_memory_check")
 
 
 def test_memory_check_inputs_and_run(models, tmp_path):
@@ -272,6 +276,14 @@ def test_memory_check_inputs_and_run(models, tmp_path):
     prompt, kwargs, remembered = check.shot_inputs("named+other-memory", case, 5)
     assert prompt == case["target"].caption("first") and remembered == case["other"]
     assert np.array_equal(np.asarray(kwargs["memory_images"][-1]), case["other_memory"][4])  # frame 16 -> last
+    # Scene memory: the same character in the target's scene, another motion; the older cases stay as they were.
+    prompt, kwargs, remembered = check.shot_inputs("same+scene-memory", case, 5)
+    assert prompt.startswith("the same character") and remembered == case["character"]
+    assert np.array_equal(np.asarray(kwargs["memory_images"][1]), case["scene_memory"][4])
+    assert not np.array_equal(case["scene_memory"], case["truth"]) and not np.array_equal(case["scene_memory"],
+                                                                                            case["memory"])
+    corners = (slice(0, 4), slice(0, 4))  # sky corner: background only, shared within a scene
+    assert np.array_equal(case["scene_memory"][0][corners], case["truth"][0][corners])
     prompt, kwargs, remembered = check.shot_inputs("same+first-frame", case, 5)
     assert np.array_equal(np.asarray(kwargs["first_frame"]), case["truth"][0]) and remembered is None
     with pytest.raises(ValueError, match="unknown condition"):
@@ -287,3 +299,25 @@ def test_memory_check_inputs_and_run(models, tmp_path):
     assert (out / "memory_check.png").is_file()
     with pytest.raises(SystemExit):
         check.main(["--base", str(models / "base"), "--conditions", "same,copy"])
+
+
+def test_base_check_cut_mode_judges_after_the_cut(models, tmp_path, monkeypatch):
+    check = _benchmark_module("toy_base_check")
+    judged = []
+    real_identify = check.IdentityDetector.identify
+
+    def identify(self, frames):
+        judged.append(len(frames))
+        return real_identify(self, frames)
+
+    monkeypatch.setattr(check.IdentityDetector, "identify", identify)
+    out = tmp_path / "base_check"
+    results = check.main(["--base", str(models / "base"), "--modes", "i2v,i2v-cut", "--count", "3", "--steps", "1",
+                          "--frames", "9", "--size", "32", "--device", "cpu", "--out", str(out)])
+    assert list(results) == ["i2v", "i2v-cut"]
+    assert json.loads((out / "base_check.json").read_text()) == json.loads(json.dumps(results))
+    # i2v shots are judged whole (the given first frame dropped); cut shots only on the frames after the cut
+    # (9 frames cut at 5: 4 left).
+    assert judged[:3] == [8, 8, 8] and judged[3:] == [4, 4, 4]
+    with pytest.raises(SystemExit):
+        check.main(["--base", str(models / "base"), "--modes", "t2v,cut"])

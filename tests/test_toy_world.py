@@ -302,6 +302,16 @@ def test_clip_dataset_groups_labels_resume_and_prepare(tmp_path, capsys):
     assert make_clip_dataset(out, 2, 3, 9, 32, 32, seed=4, referential_prob=0.5).rendered == 0
     with pytest.raises(DatasetError, match="seed"):
         make_clip_dataset(out, 2, 3, 9, 32, 32, seed=5, referential_prob=0.5)
+    with pytest.raises(DatasetError, match="scenes_per_identity"):
+        make_clip_dataset(out, 2, 3, 9, 32, 32, seed=4, referential_prob=0.5, scenes_per_identity=2)
+    with pytest.raises(DatasetError, match="scenes_per_identity must be an integer >= 1"):
+        make_clip_dataset(tmp_path / "none", 2, 3, 9, 32, 32, scenes_per_identity=0)
+    # Clips of one character can share scenes (k=2: clips 0 and 2 in one scene, 1 in the other).
+    shared = make_clip_dataset(tmp_path / "shared", 2, 3, 9, 32, 32, seed=4, scenes_per_identity=2)
+    for clips in shared.groups().values():
+        scenes = [r.spec.scene for r in clips]
+        assert scenes[0] == scenes[2] and scenes[0] != scenes[1]
+        assert clips[0].spec.motions != clips[2].spec.motions or clips[0].spec.seed != clips[2].spec.seed
 
     spec = importlib.util.spec_from_file_location("train_lora", ROOT / "train_lora.py")
     train_lora = importlib.util.module_from_spec(spec)

@@ -189,11 +189,15 @@ def make_clip_dataset(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = False,
+    scenes_per_identity: Optional[int] = None,
 ) -> ClipDataset:
     """Write clustered single-shot training clips of toy characters (see the module docstring for the layout).
 
     Each identity gets ``clips_per_identity`` clips in different scenes (backgrounds cycle through all of
-    them) with random motions; its clips form one group. Captions introduce the character
+    them) with random motions; its clips form one group. With ``scenes_per_identity`` = k, an identity's clips
+    share k scenes instead (background and props; clip i in scene i mod k), as shots cut from one longer video
+    do: memory drawn from a sibling in the same scene shows the character against the target's background,
+    elsewhere in the frame. Captions introduce the character
     ("a red striped circle with a hat walks into the desert near a rock"); a share ``referential_prob`` of
     them refer to it instead ("the same character ..." or "the red striped circle with the hat ..."), as
     later shots of a story do. ``exclude`` keeps identities out (e.g. those of held-out stories).
@@ -207,6 +211,8 @@ def make_clip_dataset(
     _check_positive("num_frames", num_frames)
     _check_frame_size(height, width)
     _check_positive("workers", workers)
+    if scenes_per_identity is not None:
+        _check_positive("scenes_per_identity", scenes_per_identity)
     if not 0.0 <= referential_prob <= 1.0:
         raise DatasetError(f"referential_prob must be in [0, 1], got {referential_prob!r}")
     if not (isinstance(fps, (int, float)) and fps > 0):
@@ -216,6 +222,7 @@ def make_clip_dataset(
                 "clips_per_identity": int(clips_per_identity), "num_frames": int(num_frames), "height": int(height),
                 "width": int(width), "seed": int(seed), "fps": float(fps), "crf": int(crf),
                 "referential_prob": float(referential_prob),
+                "scenes_per_identity": None if scenes_per_identity is None else int(scenes_per_identity),
                 "exclude": sorted(c.key if isinstance(c, Character) else str(c) for c in exclude)}
     info_path = root / "dataset.json"
     if info_path.exists() and not overwrite:
@@ -234,8 +241,14 @@ def make_clip_dataset(
     for number, character in enumerate(identities):
         group = f"id{number:04d}-{character.key}"
         backgrounds = [BACKGROUNDS[i] for i in rng.permutation(len(BACKGROUNDS))]
+        scenes = None
+        if scenes_per_identity is not None:
+            scenes = [Scene.random(rng, backgrounds[k % len(backgrounds)]) for k in range(scenes_per_identity)]
         for k in range(clips_per_identity):
-            spec = ClipSpec.random(rng, character, background=backgrounds[k % len(backgrounds)])
+            if scenes is None:
+                spec = ClipSpec.random(rng, character, background=backgrounds[k % len(backgrounds)])
+            else:
+                spec = ClipSpec.random(rng, character, scene=scenes[k % len(scenes)])
             mode = _caption_mode(rng, referential_prob)
             file = f"clips/{group}/{group}_{k:02d}.mp4"
             records.append(ClipRecord(file, spec.caption(mode), group, character, spec, mode))

@@ -27,6 +27,12 @@ valid. Runs stay short (a GPU lease, a preemptible job) and chain::
 
     python -m storymem.toy.train_base --out runs/more --init runs/base/base --seed 3 --minutes 7.5
 
+``--cut-prob P`` makes a share P of the clips cut once, between two latent frames, to the same character in
+another clip (scene, place, motion), captioned "... then the same character ...". Single shots only ever ask the
+model to redraw a character where the first frame has it; after a cut it has to find the character in earlier
+frames and draw it somewhere else, which is what reading memory needs (an adapter cannot route memory into a
+skill the base does not have).
+
 The VAE learns frames in two phases: short windows (the first frame and one causal chunk) are cheap and teach
 the spatial code; whole clips then teach the steady state of the causal temporal cache, which short windows
 never reach (a VAE trained on 5-frame windows alone reconstructs frames 0-4 at 25-27 dB and frames 9-16 at
@@ -58,6 +64,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ToyBaseConfig",
     "build_base_components",
+    "cut_clip",
     "load_base_components",
     "render_training_clips",
     "train_base",
@@ -79,6 +86,9 @@ class ToyBaseConfig:
     num_frames: int = 17
     num_clips: int = 12000
     caption_mode_probs: tuple = (0.5, 0.25, 0.15, 0.1)  # first, named, returns, same
+    # Share of clips that cut once to the same character in another scene (see cut_clip): the base then learns
+    # to find a character in one place and draw it in another, which memory needs and single shots never ask.
+    cut_prob: float = 0.0
     exclude: list = field(default_factory=list)  # identity keys kept out of training (held-out stories)
     # VAE
     vae_base_dim: int = 16
@@ -122,6 +132,10 @@ class ToyBaseConfig:
             raise ValueError(f"vae_window ({self.vae_window}) is longer than the clips ({self.num_frames})")
         if len(self.caption_mode_probs) != len(CAPTION_MODES) or abs(sum(self.caption_mode_probs) - 1) > 1e-6:
             raise ValueError(f"caption_mode_probs must be {len(CAPTION_MODES)} probabilities summing to 1")
+        if not 0.0 <= self.cut_prob <= 1.0:
+            raise ValueError(f"cut_prob must be in [0, 1], got {self.cut_prob}")
+        if self.cut_prob and self.num_frames < 9:
+            raise ValueError(f"a cut needs two latent frames on each side: num_frames >= 9, got {self.num_frames}")
         if (self.head_dim // 6) * 4 >= self.head_dim:
             raise ValueError(f"head_dim {self.head_dim} leaves no rope channels for time")
 
@@ -180,30 +194,61 @@ def load_base_components(folder) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- data
+def cut_clip(rng: np.random.Generator, first: ClipSpec, mode: str, num_frames: int, height: int, width: int,
+             temporal_scale: int = 4) -> tuple[np.ndarray, str, int]:
+    """A clip of ``first`` that cuts once to its character in a random other clip (scene, place, motion).
+
+    The cut falls between two latent frames (after pixel frame ``4j``), so no latent frame mixes the two
+    shots, with at least two latent frames on each side. The caption describes the first shot in ``mode``, then
+    the second as "the same character ...": after the cut, only the frames before it say who to draw.
+
+    Returns ``(frames uint8 [T, H, W, 3], caption, cut)`` where ``cut`` is the first frame of the second shot.
+    """
+    latent_frames = (num_frames - 1) // temporal_scale + 1
+    if (num_frames - 1) % temporal_scale or latent_frames < 3:
+        raise ValueError(f"a cut needs num_frames = {temporal_scale}n+1 >= {2 * temporal_scale + 1}, got {num_frames}")
+    j = int(rng.integers(1, latent_frames - 1))  # latent frames 0..j show the first shot
+    cut = temporal_scale * j + 1
+    second = ClipSpec.random(rng, first.characters[0])
+    video = np.concatenate([first.render(num_frames, height, width)[:cut],
+                            second.render(num_frames, height, width)[:num_frames - cut]])
+    return video, f"{first.caption(mode)} then {second.caption('same')}", cut
+
+
 def _render_chunk(job: tuple) -> tuple[np.ndarray, list[str], list[str]]:
-    seed, count, num_frames, height, width, mode_probs, exclude = job
+    seed, count, num_frames, height, width, mode_probs, exclude, cut_prob = job
     rng = np.random.default_rng(seed)
     frames = np.empty((count, num_frames, height, width, 3), np.uint8)
     captions, identities = [], []
     for i in range(count):
         character = Character.random(rng, exclude=exclude)
         spec = ClipSpec.random(rng, character)
-        frames[i] = spec.render(num_frames, height, width)
-        captions.append(spec.caption(CAPTION_MODES[int(rng.choice(len(CAPTION_MODES), p=mode_probs))]))
+        mode = CAPTION_MODES[int(rng.choice(len(CAPTION_MODES), p=mode_probs))]
+        # No draw without cuts: the clips of a seed stay what they were before cuts existed.
+        if cut_prob and rng.random() < cut_prob:
+            frames[i], caption, _ = cut_clip(rng, spec, mode, num_frames, height, width)
+        else:
+            frames[i], caption = spec.render(num_frames, height, width), spec.caption(mode)
+        captions.append(caption)
         identities.append(character.key)
     return frames, captions, identities
 
 
 def render_training_clips(count: int, num_frames: int, height: int, width: int, seed: int = 0,
                           exclude: Sequence[str] = (), mode_probs: Sequence[float] = (0.5, 0.25, 0.15, 0.1),
-                          workers: int = 1, chunk: int = 250) -> tuple[np.ndarray, list[str], list[str]]:
+                          workers: int = 1, chunk: int = 250,
+                          cut_prob: float = 0.0) -> tuple[np.ndarray, list[str], list[str]]:
     """``count`` single-character clips of random characters (identities in ``exclude`` left out) in random
-    scenes, with captions in the given mix of modes. Deterministic per ``seed`` whatever ``workers``.
+    scenes, with captions in the given mix of modes; a share ``cut_prob`` of them cut once to the same
+    character elsewhere (:func:`cut_clip`). Deterministic per ``seed`` whatever ``workers``.
 
     Returns ``(frames uint8 [N, T, H, W, 3], captions, identity keys)``.
     """
+    if not 0.0 <= cut_prob <= 1.0:
+        raise ValueError(f"cut_prob must be in [0, 1], got {cut_prob}")
     jobs = [(int(np.random.default_rng([seed, i]).integers(2 ** 31)), min(chunk, count - start), num_frames,
-             height, width, tuple(mode_probs), tuple(exclude)) for i, start in enumerate(range(0, count, chunk))]
+             height, width, tuple(mode_probs), tuple(exclude), float(cut_prob))
+            for i, start in enumerate(range(0, count, chunk))]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             parts = list(pool.map(_render_chunk, jobs))
@@ -482,7 +527,7 @@ def train_base(config: ToyBaseConfig, out_dir, device: str = "cpu", workers: int
     t0 = time.perf_counter()
     frames, captions, identities = render_training_clips(
         config.num_clips, config.num_frames, config.height, config.width, seed=config.seed, exclude=config.exclude,
-        mode_probs=config.caption_mode_probs, workers=workers)
+        mode_probs=config.caption_mode_probs, workers=workers, cut_prob=config.cut_prob)
     clips = torch.from_numpy(frames)
     if device.startswith("cuda"):
         clips = clips.pin_memory()

@@ -1052,8 +1052,12 @@ class ClipSpec:
 
     @classmethod
     def random(cls, rng: np.random.Generator, character: Character, background: Optional[str] = None,
-               start_x: Optional[float] = None, kinds: Sequence[str] = MOTIONS) -> ClipSpec:
-        """A single-character clip of ``character`` in a random scene with a random motion."""
-        scene = Scene.random(rng, background)
+               start_x: Optional[float] = None, kinds: Sequence[str] = MOTIONS,
+               scene: Optional[Scene] = None) -> ClipSpec:
+        """A single-character clip of ``character`` in a random scene (or ``scene``) with a random motion."""
+        if scene is None:
+            scene = Scene.random(rng, background)
+        elif background is not None and background != scene.background:
+            raise WorldError(f"background {background!r} contradicts the given scene's {scene.background!r}")
         motion = Motion.random(rng, start_x=start_x, kinds=kinds)
         return cls((character,), scene, (motion,), seed=int(rng.integers(2 ** 31)))
