@@ -135,7 +135,8 @@ class ToyBaseConfig:
         if not 0.0 <= self.cut_prob <= 1.0:
             raise ValueError(f"cut_prob must be in [0, 1], got {self.cut_prob}")
         if self.cut_prob and self.num_frames < 9:
-            raise ValueError(f"a cut needs two latent frames on each side: num_frames >= 9, got {self.num_frames}")
+            raise ValueError(f"a cut needs num_frames >= 9 (two latent frames before it, one after), "
+                             f"got {self.num_frames}")
         if (self.head_dim // 6) * 4 >= self.head_dim:
             raise ValueError(f"head_dim {self.head_dim} leaves no rope channels for time")
 
@@ -199,7 +200,7 @@ def cut_clip(rng: np.random.Generator, first: ClipSpec, mode: str, num_frames: i
     """A clip of ``first`` that cuts once to its character in a random other clip (scene, place, motion).
 
     The cut falls between two latent frames (after pixel frame ``4j``), so no latent frame mixes the two
-    shots, with at least two latent frames on each side. The caption describes the first shot in ``mode``, then
+    shots, with at least two latent frames before it and one after. The caption describes the first shot in ``mode``, then
     the second as "the same character ...": after the cut, only the frames before it say who to draw.
 
     Returns ``(frames uint8 [T, H, W, 3], caption, cut)`` where ``cut`` is the first frame of the second shot.
