@@ -8,7 +8,8 @@
 # Environment: DEVICE (cuda), WORKERS (16), VAE_MINUTES (5), VAE2_MINUTES (2.5), BASE_MINUTES (4),
 # REFINE_VAE_MINUTES (2.7), REFINE_MINUTES (4.6), CONTINUE_MINUTES (7.5), CONTINUE_SEED (3), CONTINUE_BATCH (128),
 # CONTINUE_LR (3e-4), CONTINUE_WARMUP (200), CONTINUE_CUT_PROB (unset: single shots; p: a share of the round's clips
-# cut once to the same character elsewhere, see storymem.toy.train_base.cut_clip), DECODER_MINUTES (6.5), LORA_MINUTES (4), LORA_BATCH (16), LORA_WORKERS (2),
+# cut once to the same character elsewhere, see storymem.toy.train_base.cut_clip), DECODER_MINUTES (6.5),
+# LORA_MINUTES (4), LORA_BATCH (16), LORA_WORKERS (2),
 # LORA_CHECKPOINT_STEPS (100000), LORA_RESUME (set: continue both adapters from their latest checkpoints),
 # LORA_CAPTION_DROPOUT and LORA_MI2V_PROB (train_lora.py's defaults when unset),
 # CLIP_IDENTITIES (160), CLIPS_PER_IDENTITY (12), CLIP_REFERENTIAL (0.25: the share of clip captions that refer to the

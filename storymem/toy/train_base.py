@@ -200,8 +200,9 @@ def cut_clip(rng: np.random.Generator, first: ClipSpec, mode: str, num_frames: i
     """A clip of ``first`` that cuts once to its character in a random other clip (scene, place, motion).
 
     The cut falls between two latent frames (after pixel frame ``4j``), so no latent frame mixes the two
-    shots, with at least two latent frames before it and one after. The caption describes the first shot in ``mode``, then
-    the second as "the same character ...": after the cut, only the frames before it say who to draw.
+    shots, with at least two latent frames before it and one after. The caption describes the first shot in
+    ``mode``, then the second as "the same character ...": after the cut, only the frames before it say who to
+    draw.
 
     Returns ``(frames uint8 [T, H, W, 3], caption, cut)`` where ``cut`` is the first frame of the second shot.
     """
