@@ -8,7 +8,9 @@
 # Environment: DEVICE (cuda), WORKERS (16), VAE_MINUTES (5), VAE2_MINUTES (2.5), BASE_MINUTES (4),
 # REFINE_VAE_MINUTES (2.7), REFINE_MINUTES (4.6), CONTINUE_MINUTES (7.5), CONTINUE_SEED (3), CONTINUE_BATCH (128),
 # CONTINUE_LR (3e-4), CONTINUE_WARMUP (200), CONTINUE_CUT_PROB (unset: single shots; p: a share of the round's clips
-# cut once to the same character elsewhere, see storymem.toy.train_base.cut_clip), DECODER_MINUTES (6.5),
+# cut once to the same character elsewhere, see storymem.toy.train_base.cut_clip), CONTINUE_CUT_CAPTIONS
+# (probabilities of the caption modes first,named,returns,same before a cut; default 0.1,0.05,0.1,0.75),
+# DECODER_MINUTES (6.5),
 # LORA_MINUTES (4), LORA_BATCH (16), LORA_WORKERS (2),
 # LORA_CHECKPOINT_STEPS (100000), LORA_RESUME (set: continue both adapters from their latest checkpoints),
 # LORA_CAPTION_DROPOUT and LORA_MI2V_PROB (train_lora.py's defaults when unset),
@@ -70,7 +72,8 @@ make_story_set('$RUN/stories', count=20, seed=2026, num_shots=6, max_shots=8)" ;
         --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" --num-clips 16000 --seed "$seed" \
         --steps 100000 --batch-size "${CONTINUE_BATCH:-128}" --lr "${CONTINUE_LR:-3e-4}" \
         --warmup-steps "${CONTINUE_WARMUP:-200}" --minutes "${CONTINUE_MINUTES:-7.5}" \
-        ${CONTINUE_CUT_PROB:+--cut-prob $CONTINUE_CUT_PROB} ;;
+        ${CONTINUE_CUT_PROB:+--cut-prob $CONTINUE_CUT_PROB} \
+        ${CONTINUE_CUT_CAPTIONS:+--cut-caption-mode-probs $CONTINUE_CUT_CAPTIONS} ;;
     decoder)  # the VAE decoder only: the latent space, and every transformer trained on it, stay valid
       $PY -m storymem.toy.train_base --out "$RUN/decoder_run" --init "$(latest_base)" --retrain-vae \
         --vae-decoder-only --vae-only --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" \

@@ -64,6 +64,16 @@ def test_cut_clips_keep_the_character_across_a_latent_aligned_cut():
     again = render_training_clips(6, 9, 32, 32, seed=3, chunk=4, cut_prob=1.0, workers=2)
     assert np.array_equal(cut[0], again[0]) and cut[1] == again[1] and cut[2][0] == plain[2][0]
     assert all(" then the same character " in c for c in cut[1])
+    # The part before the cut is captioned in its own mix of modes.
+    named = render_training_clips(6, 9, 32, 32, seed=3, chunk=4, cut_prob=1.0, cut_mode_probs=(1, 0, 0, 0))
+    blind = render_training_clips(6, 9, 32, 32, seed=3, chunk=4, cut_prob=1.0, cut_mode_probs=(0, 0, 0, 1))
+    assert all(c.startswith("the same character ") for c in blind[1])
+    assert not any(c.startswith("the same character ") for c in named[1])
+    assert named[2] == blind[2]
+    with pytest.raises(ValueError, match="cut_mode_probs must be 4 probabilities"):
+        render_training_clips(2, 9, 32, 32, cut_prob=0.5, cut_mode_probs=(0.5, 0.5))
+    with pytest.raises(ValueError, match="cut_caption_mode_probs"):
+        ToyBaseConfig(cut_caption_mode_probs=(0.5, 0.5, 0.5, -0.5)).validate()
     with pytest.raises(ValueError, match="cut_prob"):
         render_training_clips(2, 9, 32, 32, cut_prob=1.5)
     with pytest.raises(ValueError, match="cut_prob"):

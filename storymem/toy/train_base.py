@@ -89,6 +89,9 @@ class ToyBaseConfig:
     # Share of clips that cut once to the same character in another scene (see cut_clip): the base then learns
     # to find a character in one place and draw it in another, which memory needs and single shots never ask.
     cut_prob: float = 0.0
+    # Caption modes of the part before a cut. Mostly "same": when the caption names the character, the model
+    # can draw it after the cut from the text alone and never has to look back at the frames.
+    cut_caption_mode_probs: tuple = (0.1, 0.05, 0.1, 0.75)  # first, named, returns, same
     exclude: list = field(default_factory=list)  # identity keys kept out of training (held-out stories)
     # VAE
     vae_base_dim: int = 16
@@ -130,8 +133,8 @@ class ToyBaseConfig:
                 raise ValueError(f"{name} must be 4n+1 and >= 5, got {value}")
         if self.vae_window > self.num_frames:
             raise ValueError(f"vae_window ({self.vae_window}) is longer than the clips ({self.num_frames})")
-        if len(self.caption_mode_probs) != len(CAPTION_MODES) or abs(sum(self.caption_mode_probs) - 1) > 1e-6:
-            raise ValueError(f"caption_mode_probs must be {len(CAPTION_MODES)} probabilities summing to 1")
+        for name in ("caption_mode_probs", "cut_caption_mode_probs"):
+            _check_mode_probs(getattr(self, name), name)
         if not 0.0 <= self.cut_prob <= 1.0:
             raise ValueError(f"cut_prob must be in [0, 1], got {self.cut_prob}")
         if self.cut_prob and self.num_frames < 9:
@@ -143,6 +146,13 @@ class ToyBaseConfig:
     @property
     def spatial_scale(self) -> int:
         return 2 ** (len(self.vae_dim_mult) - 1)
+
+
+def _check_mode_probs(probs, name: str):
+    probs = tuple(probs)
+    if len(probs) != len(CAPTION_MODES) or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+        raise ValueError(f"{name} must be {len(CAPTION_MODES)} probabilities (for {', '.join(CAPTION_MODES)}) "
+                         f"summing to 1, got {probs}")
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -218,7 +228,7 @@ def cut_clip(rng: np.random.Generator, first: ClipSpec, mode: str, num_frames: i
 
 
 def _render_chunk(job: tuple) -> tuple[np.ndarray, list[str], list[str]]:
-    seed, count, num_frames, height, width, mode_probs, exclude, cut_prob = job
+    seed, count, num_frames, height, width, mode_probs, exclude, cut_prob, cut_mode_probs = job
     rng = np.random.default_rng(seed)
     frames = np.empty((count, num_frames, height, width, 3), np.uint8)
     captions, identities = [], []
@@ -228,6 +238,7 @@ def _render_chunk(job: tuple) -> tuple[np.ndarray, list[str], list[str]]:
         mode = CAPTION_MODES[int(rng.choice(len(CAPTION_MODES), p=mode_probs))]
         # No draw without cuts: the clips of a seed stay what they were before cuts existed.
         if cut_prob and rng.random() < cut_prob:
+            mode = CAPTION_MODES[int(rng.choice(len(CAPTION_MODES), p=cut_mode_probs))]
             frames[i], caption, _ = cut_clip(rng, spec, mode, num_frames, height, width)
         else:
             frames[i], caption = spec.render(num_frames, height, width), spec.caption(mode)
@@ -239,17 +250,21 @@ def _render_chunk(job: tuple) -> tuple[np.ndarray, list[str], list[str]]:
 def render_training_clips(count: int, num_frames: int, height: int, width: int, seed: int = 0,
                           exclude: Sequence[str] = (), mode_probs: Sequence[float] = (0.5, 0.25, 0.15, 0.1),
                           workers: int = 1, chunk: int = 250,
-                          cut_prob: float = 0.0) -> tuple[np.ndarray, list[str], list[str]]:
+                          cut_prob: float = 0.0, cut_mode_probs: Sequence[float] = (0.1, 0.05, 0.1, 0.75),
+                          ) -> tuple[np.ndarray, list[str], list[str]]:
     """``count`` single-character clips of random characters (identities in ``exclude`` left out) in random
     scenes, with captions in the given mix of modes; a share ``cut_prob`` of them cut once to the same
-    character elsewhere (:func:`cut_clip`). Deterministic per ``seed`` whatever ``workers``.
+    character elsewhere (:func:`cut_clip`), the part before the cut captioned in the ``cut_mode_probs`` mix.
+    Deterministic per ``seed`` whatever ``workers``.
 
     Returns ``(frames uint8 [N, T, H, W, 3], captions, identity keys)``.
     """
     if not 0.0 <= cut_prob <= 1.0:
         raise ValueError(f"cut_prob must be in [0, 1], got {cut_prob}")
+    _check_mode_probs(mode_probs, "mode_probs")
+    _check_mode_probs(cut_mode_probs, "cut_mode_probs")
     jobs = [(int(np.random.default_rng([seed, i]).integers(2 ** 31)), min(chunk, count - start), num_frames,
-             height, width, tuple(mode_probs), tuple(exclude), float(cut_prob))
+             height, width, tuple(mode_probs), tuple(exclude), float(cut_prob), tuple(cut_mode_probs))
             for i, start in enumerate(range(0, count, chunk))]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -529,7 +544,8 @@ def train_base(config: ToyBaseConfig, out_dir, device: str = "cpu", workers: int
     t0 = time.perf_counter()
     frames, captions, identities = render_training_clips(
         config.num_clips, config.num_frames, config.height, config.width, seed=config.seed, exclude=config.exclude,
-        mode_probs=config.caption_mode_probs, workers=workers, cut_prob=config.cut_prob)
+        mode_probs=config.caption_mode_probs, workers=workers, cut_prob=config.cut_prob,
+        cut_mode_probs=config.cut_caption_mode_probs)
     clips = torch.from_numpy(frames)
     if device.startswith("cuda"):
         clips = clips.pin_memory()
@@ -594,6 +610,13 @@ def train_base(config: ToyBaseConfig, out_dir, device: str = "cpu", workers: int
     return summary
 
 
+def _probs(text: str) -> tuple:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Train the small world's base video model (VAE, text encoder, "
                                              "transformer) and save it as a diffusers folder.")
@@ -612,6 +635,9 @@ def _parse(argv=None) -> argparse.Namespace:
     for f in dataclasses.fields(ToyBaseConfig):
         if f.type in ("int", "float") or f.type in (int, float):
             ap.add_argument("--" + f.name.replace("_", "-"), type=float if "float" in str(f.type) else int)
+    for name in ("caption_mode_probs", "cut_caption_mode_probs"):
+        ap.add_argument("--" + name.replace("_", "-"), type=_probs, metavar="P,P,P,P",
+                        help=f"probabilities of the caption modes {', '.join(CAPTION_MODES)}")
     return ap.parse_args(argv)
 
 
