@@ -321,3 +321,63 @@ def test_base_check_cut_mode_judges_after_the_cut(models, tmp_path, monkeypatch)
     assert judged[:3] == [8, 8, 8] and judged[3:] == [4, 4, 4]
     with pytest.raises(SystemExit):
         check.main(["--base", str(models / "base"), "--modes", "t2v,cut"])
+
+
+def test_latent_character_mask_marks_the_cells_a_character_is_in():
+    from storymem.toy.train_base import latent_character_mask
+
+    video = torch.zeros(1, 3, 9, 32, 32)  # mid grey: no character
+    video[0, 0, 3, 8:12, 20:24] = 1.0  # a saturated red block in pixel frame 3 (latent frame 1), cells (2, 5)
+    video[0, 1:, 3, 8:12, 20:24] = -1.0
+    mask = latent_character_mask(video, temporal_scale=4, spatial_scale=4)
+    assert mask.shape == (1, 1, 3, 8, 8)
+    assert mask.sum() == 1 and mask[0, 0, 1, 2, 5] == 1
+    with pytest.raises(ValueError, match="4n\\+1"):
+        latent_character_mask(torch.zeros(1, 3, 8, 32, 32))
+
+
+def test_loss_probe_conditions_differ_only_where_they_say(models, tmp_path, monkeypatch):
+    probe = _benchmark_module("toy_loss_probe")
+    cases = probe.make_cut_cases(3, seed=1, frames=9, size=32)
+    assert all(np.array_equal(a["video"], b["video"]) for a, b in zip(cases, probe.make_cut_cases(3, 1, 9, 32)))
+    for case in cases:
+        cut = case["cut"]
+        assert np.array_equal(case["swapped"][cut:], case["video"][cut:])
+        assert not np.array_equal(case["swapped"][:cut], case["video"][:cut])
+        before, after = case["caption"].split(" then ", 1)
+        assert before.startswith("the same character") and case["named_caption"].endswith(" then " + after)
+        assert not case["named_caption"].startswith("the same character")
+
+    from storymem import StoryMemPipeline
+
+    pipe = StoryMemPipeline.from_pretrained(str(models / "base"), torch_dtype=torch.float32)
+    prober = probe.Prober(pipe, "cpu", seed=0)
+    calls = []
+    real = probe.Prober.cell_losses
+
+    def record(self, latents, condition, context_frames, prompt_embeds, weights, memory=None):
+        calls.append((latents, condition, prompt_embeds, weights, memory))
+        return real(self, latents, condition, context_frames, prompt_embeds, weights, memory)
+
+    monkeypatch.setattr(probe.Prober, "cell_losses", record)
+    losses = probe.probe_cut(prober, cases)
+    (seen, c_seen, p_same, w, _), (other, c_other, p_other, _, _), (_, _, p_named, _, _) = calls
+    first_after = (cases[0]["cut"] - 1) // 4 + 1
+    # After the cut the latents are the very same; before it they show the other character; loss only after.
+    assert torch.equal(seen[0, :, first_after:], other[0, :, first_after:])
+    assert not torch.equal(seen[0, :, :first_after], other[0, :, :first_after])
+    assert w[0, :, :first_after].sum() == 0 and w[0, :, first_after:].sum() > 0
+    assert not torch.equal(c_seen, c_other) and torch.equal(p_same, p_other) and not torch.equal(p_same, p_named)
+    assert set(losses) == {"seen", "other", "named"} and losses["seen"].shape == (3, len(probe.TIMESTEPS))
+    # Fixed noise and timesteps: the same inputs give the same losses.
+    assert torch.equal(real(prober, seen, c_seen, 1, p_same, w), losses["seen"])
+
+    out = tmp_path / "probe"
+    results = probe.main(["--base", str(models / "base"), "--adapter", str(models / "adapter"), "--count", "3",
+                          "--frames", "9", "--size", "32", "--device", "cpu", "--out", str(out)])
+    assert set(results) == {"cut", "memory"}
+    assert set(results["memory"]["gap"]) == {"other-memory/memory", "none/memory", "named/memory"}
+    assert all(np.isfinite(v) and v > 0 for r in results.values() for v in r["loss"].values())
+    assert json.loads((out / "loss_probe.json").read_text())["results"] == json.loads(json.dumps(results))
+    with pytest.raises(SystemExit):
+        probe.main(["--base", str(models / "base"), "--probes", "cut,recall"])

@@ -355,3 +355,20 @@ def test_time_limit_stops_with_a_checkpoint_and_all_expert_samples_every_timeste
     assert EXPERTS["all"] == "transformer"
     t, _ = sample_timesteps(4000, "all", shift=3.0, generator=torch.Generator().manual_seed(0))
     assert int(t.min()) < 900 <= int(t.max())
+
+
+def test_flow_matching_loss_returns_the_errors_it_averages(tiny_components):
+    from storymem.training.loss import flow_matching_loss
+
+    transformer = tiny_components["transformer"]
+    z = transformer.config.out_channels
+    batch = {"latents": torch.randn(2, z, 3, 4, 4), "memory_latents": torch.randn(2, z, 2, 4, 4),
+             "video_condition": torch.randn(2, z, 3, 4, 4), "num_frames": 9, "num_context_frames": 0,
+             "prompt_embeds": torch.randn(2, 8, transformer.config.text_dim)}
+    with torch.no_grad():
+        loss, info = flow_matching_loss(transformer, batch, generator=torch.Generator().manual_seed(0),
+                                        return_errors=True)
+    # Target frames only: the two memory frames are left out, as they are of the loss.
+    assert info["errors"].shape == (2, z, 3, 4, 4)
+    assert torch.allclose(info["errors"].mean(), loss)
+    assert "errors" not in flow_matching_loss(transformer, batch)[1]

@@ -26,7 +26,7 @@ def flow_matching_loss(model, batch: dict, expert: str = "high", flow_shift: flo
                        boundary_ratio: float = 0.9, rope_mode: str = "negative", rope_stride: int = 5,
                        loss_on_memory: bool = False, rope_model=None, weight_dtype: Optional[torch.dtype] = None,
                        generator: Optional[torch.Generator] = None, timesteps: Optional[torch.Tensor] = None,
-                       temporal_scale: int = 4) -> tuple[torch.Tensor, dict]:
+                       temporal_scale: int = 4, return_errors: bool = False) -> tuple[torch.Tensor, dict]:
     """Rectified-flow velocity loss of ``model`` on one batch of :func:`~storymem.training.data.collate_samples`.
 
     The noisy input spans memory and target frames alike (as in sampling, where the scheduler steps all
@@ -39,6 +39,8 @@ def flow_matching_loss(model, batch: dict, expert: str = "high", flow_shift: flo
         rope_model: the unwrapped transformer whose rope learns the memory layout (default ``model``).
         generator: CPU generator for timesteps and noise (default: the global RNGs).
         timesteps: fixed integer timesteps ``[B]`` instead of sampling (evaluation).
+        return_errors: also return the squared error of every target element, ``info["errors"]``
+            ``[B, C, f, h, w]`` (detached), for losses over parts of a clip (evaluation).
     """
     latents = batch["latents"].float()
     condition = build_training_condition(batch, temporal_scale)
@@ -63,4 +65,7 @@ def flow_matching_loss(model, batch: dict, expert: str = "high", flow_shift: flo
                            encoder_hidden_states=batch["prompt_embeds"].to(weight_dtype), return_dict=False)[0]
     start = 0 if loss_on_memory else fm
     loss = F.mse_loss(prediction[:, :, start:].float(), target[:, :, start:].float())
-    return loss, {"timesteps": timesteps, "num_memory_frames": fm}
+    info = {"timesteps": timesteps, "num_memory_frames": fm}
+    if return_errors:
+        info["errors"] = (prediction[:, :, fm:].detach().float() - target[:, :, fm:].float()).square()
+    return loss, info
