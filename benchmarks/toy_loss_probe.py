@@ -8,14 +8,16 @@ pixels are characters'), for the same clips, noise and timesteps under condition
 
 * ``cut`` - clips that cut once to the same character elsewhere (:func:`storymem.toy.train_base.cut_clip`),
   captioned "the same character ... then the same character ...", with the true first frame (I2V); loss on the
-  frames after the cut. ``seen``: the true frames before the cut; ``other``: another character's frames before
-  it (and first frame), the frames after unchanged; ``named``: the true frames, and the caption names the
-  character before the cut. ``other`` above ``seen`` means the model finds the character before the cut and
-  draws it after: the skill reading memory needs.
+  frames after the cut. ``seen``: the true frames before the cut; ``other``: the same frames with another
+  character in them (same scene and motion; its first frame given), the frames after unchanged;
+  ``other-shape`` (``-colour``, ``-pattern``, ``-accessory``): with only that attribute changed; ``named``: the
+  true frames, and the caption names the character before the cut. ``other`` above ``seen`` means the model
+  finds the character before the cut and draws it after, the skill reading memory needs; ``other-shape`` above
+  it, that it takes the shape as well.
 * ``memory`` - single shots captioned "the same character ...", M2V; loss on every frame. ``memory``: frames
-  0, 8 and 16 of another clip of the character as memory; ``other-memory``: the same of another character;
-  ``none``: no memory; ``named``: no memory, the caption names the character. ``other-memory`` above
-  ``memory`` means memory is read.
+  0, 8 and 16 of another clip of the character as memory; ``other-memory``, ``other-shape-memory``, ...: the
+  same memory clip with another character, or one attribute changed; ``none``: no memory; ``named``: no
+  memory, the caption names the character. ``other-memory`` above ``memory`` means memory is read.
 
 A gap is a relative loss difference (``other / seen - 1``): 0 when the frames are ignored. Far cheaper and
 finer-grained than generating and detecting (``toy_base_check.py --modes i2v-cut``, ``toy_memory_check.py``),
@@ -25,7 +27,7 @@ so it can follow a training run; those checks say what the gaps are worth in dra
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -36,11 +38,15 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from storymem.toy.world import Character, ClipSpec  # noqa: E402
+from storymem.toy.world import ACCESSORIES, COLOURS, PATTERNS, SHAPES, Character, ClipSpec  # noqa: E402
 
-PROBES = {"cut": ("seen", "other", "named"), "memory": ("memory", "other-memory", "none", "named")}
-GAPS = {"cut": (("other", "seen"), ("named", "seen")),
-        "memory": (("other-memory", "memory"), ("none", "memory"), ("named", "memory"))}
+_CHOICES = {"shape": SHAPES, "colour": tuple(COLOURS), "pattern": PATTERNS, "accessory": ACCESSORIES}
+
+SWAPS = ("shape", "colour", "pattern", "accessory")  # one attribute changed, the rest of the clip as it was
+PROBES = {"cut": ("seen", "other", *(f"other-{a}" for a in SWAPS), "named"),
+          "memory": ("memory", "other-memory", *(f"other-{a}-memory" for a in SWAPS), "none", "named")}
+GAPS = {"cut": tuple((c, "seen") for c in PROBES["cut"][1:]),
+        "memory": tuple((c, "memory") for c in PROBES["memory"][1:])}
 TIMESTEPS = (100, 300, 500, 700, 900)
 MEMORY_FRAMES = (0, 8, 16)
 
@@ -52,8 +58,26 @@ def _two_characters(rng: np.random.Generator) -> tuple[Character, Character]:
     return character, other
 
 
+def _stand_ins(rng: np.random.Generator, character: Character, other: Character) -> dict[str, Character]:
+    """Who stands in for ``character`` in each counterfactual: ``other``, and ``character`` with one attribute
+    changed."""
+    stand_ins = {"other": other}
+    for attribute in SWAPS:
+        current = getattr(character, attribute)
+        choices = [c for c in _CHOICES[attribute] if c != current]
+        changed = choices[int(rng.integers(len(choices)))]
+        stand_ins[f"other-{attribute}"] = dataclasses.replace(character, **{attribute: changed})
+    return stand_ins
+
+
+def _recast(spec: ClipSpec, character: Character) -> ClipSpec:
+    """The same clip (scene, motion, seed) with another character in it."""
+    return dataclasses.replace(spec, characters=(character,))
+
+
 def make_cut_cases(count: int, seed: int, frames: int, size: int) -> list[dict]:
-    """Per case: the cut clip and its captions, and the same clip with another character before the cut."""
+    """Per case: the cut clip and its captions, and the clip with a stand-in (:func:`_stand_ins`) before the cut,
+    in the same scene and motion."""
     from storymem.toy.train_base import cut_clip
 
     rng = np.random.default_rng([seed, 2])
@@ -63,24 +87,30 @@ def make_cut_cases(count: int, seed: int, frames: int, size: int) -> list[dict]:
         first = ClipSpec.random(rng, character)
         video, caption, cut = cut_clip(rng, first, "same", frames, size, size)
         after = caption[len(first.caption("same")):]  # " then the same character ..."
-        swapped = np.concatenate([ClipSpec.random(rng, other).render(frames, size, size)[:cut], video[cut:]])
-        cases.append({"video": video, "swapped": swapped, "cut": cut, "caption": caption,
-                      "named_caption": first.caption("first") + after})
+        stand_ins = _stand_ins(rng, character, other)
+        swapped = {name: np.concatenate([_recast(first, who).render(frames, size, size)[:cut], video[cut:]])
+                   for name, who in stand_ins.items()}
+        cases.append({"character": character, "stand_ins": stand_ins, "video": video, "swapped": swapped,
+                      "cut": cut, "caption": caption, "named_caption": first.caption("first") + after})
     return cases
 
 
 def make_memory_cases(count: int, seed: int, frames: int, size: int) -> list[dict]:
-    """Per case: a target clip, memory frames of the same character elsewhere and of another character."""
+    """Per case: a target clip, memory frames of the same character elsewhere, and the same memory frames with
+    stand-ins (:func:`_stand_ins`)."""
     rng = np.random.default_rng([seed, 3])
     picks = [min(i, frames - 1) for i in MEMORY_FRAMES]
     cases = []
     for _ in range(count):
         character, other = _two_characters(rng)
-        target = ClipSpec.random(rng, character)
-        cases.append({"video": target.render(frames, size, size), "caption": target.caption("same"),
-                      "named_caption": target.caption("first"),
-                      "memory": ClipSpec.random(rng, character).render(frames, size, size)[picks],
-                      "other_memory": ClipSpec.random(rng, other).render(frames, size, size)[picks]})
+        target, remembered = ClipSpec.random(rng, character), ClipSpec.random(rng, character)
+        stand_ins = _stand_ins(rng, character, other)
+        memory = {"memory": remembered.render(frames, size, size)[picks]}
+        for name, who in stand_ins.items():
+            memory[f"{name}-memory"] = _recast(remembered, who).render(frames, size, size)[picks]
+        cases.append({"character": character, "stand_ins": stand_ins, "video": target.render(frames, size, size),
+                      "caption": target.caption("same"), "named_caption": target.caption("first"),
+                      "memory": memory})
     return cases
 
 
@@ -154,22 +184,25 @@ class Prober:
 def probe_cut(prober: Prober, cases: list[dict]) -> dict:
     from storymem.toy.train_base import latent_character_mask
 
-    video, swapped = _video(np.stack([c["video"] for c in cases])), _video(np.stack([c["swapped"] for c in cases]))
-    true_latents, swapped_latents = prober.latents(video), prober.latents(swapped)
+    video = _video(np.stack([c["video"] for c in cases]))
+    true_latents = prober.latents(video)
     weights = latent_character_mask(video, prober.temporal, prober.spatial).to(prober.device)
     frames = torch.arange(true_latents.shape[2], device=prober.device)
     first_after = torch.tensor([(c["cut"] - 1) // prober.temporal + 1 for c in cases], device=prober.device)
-    after = (frames[None] >= first_after[:, None]).float()[:, None, :, None, None]
-    # Another character before the cut, the very same latents after it (a causal VAE would carry the frames
-    # before the cut into the latents after it).
-    other_latents = torch.where(after.bool(), true_latents, swapped_latents)
+    after = (frames[None] >= first_after[:, None])[:, None, :, None, None]
+    weights = weights * after.float()
     same, named = prober.prompt_embeds([c["caption"] for c in cases]), prober.prompt_embeds(
         [c["named_caption"] for c in cases])
-    true_condition, other_condition = prober.first_frame_condition(video), prober.first_frame_condition(swapped)
-    weights = weights * after
-    return {"seen": prober.cell_losses(true_latents, true_condition, 1, same, weights),
-            "other": prober.cell_losses(other_latents, other_condition, 1, same, weights),
-            "named": prober.cell_losses(true_latents, true_condition, 1, named, weights)}
+    true_condition = prober.first_frame_condition(video)
+    losses = {"seen": prober.cell_losses(true_latents, true_condition, 1, same, weights)}
+    for name in cases[0]["swapped"]:
+        swapped = _video(np.stack([c["swapped"][name] for c in cases]))
+        # The stand-in before the cut, the very same latents after it (a causal VAE would carry the frames
+        # before the cut into the latents after it).
+        latents = torch.where(after, true_latents, prober.latents(swapped))
+        losses[name] = prober.cell_losses(latents, prober.first_frame_condition(swapped), 1, same, weights)
+    losses["named"] = prober.cell_losses(true_latents, true_condition, 1, named, weights)
+    return losses
 
 
 def probe_memory(prober: Prober, cases: list[dict]) -> dict:
@@ -181,16 +214,16 @@ def probe_memory(prober: Prober, cases: list[dict]) -> dict:
     weights = latent_character_mask(video, prober.temporal, prober.spatial).to(prober.device)
 
     def memory(key):
-        return torch.cat([encode_memory_frames(prober.pipe.vae, _video(c[key][None])[0].permute(1, 0, 2, 3)
-                                               .to(prober.device)) for c in cases]).float()
+        return torch.cat([encode_memory_frames(prober.pipe.vae, _video(c["memory"][key][None])[0]
+                                               .permute(1, 0, 2, 3).to(prober.device)) for c in cases]).float()
 
     condition = prober.empty_condition(len(cases), video.shape[2], video.shape[-1])
     same, named = prober.prompt_embeds([c["caption"] for c in cases]), prober.prompt_embeds(
         [c["named_caption"] for c in cases])
-    return {"memory": prober.cell_losses(latents, condition, 0, same, weights, memory("memory")),
-            "other-memory": prober.cell_losses(latents, condition, 0, same, weights, memory("other_memory")),
-            "none": prober.cell_losses(latents, condition, 0, same, weights),
-            "named": prober.cell_losses(latents, condition, 0, named, weights)}
+    losses = {key: prober.cell_losses(latents, condition, 0, same, weights, memory(key)) for key in cases[0]["memory"]}
+    losses["none"] = prober.cell_losses(latents, condition, 0, same, weights)
+    losses["named"] = prober.cell_losses(latents, condition, 0, named, weights)
+    return losses
 
 
 def summarize(probe: str, losses: dict) -> dict:
@@ -242,8 +275,8 @@ def main(argv=None) -> dict:
         losses = {k: torch.cat([p[k] for p in parts]) for k in PROBES[probe]}
         results[probe] = summarize(probe, losses)
         r = results[probe]
-        print(f"{probe}: loss " + "  ".join(f"{k} {v:.4f}" for k, v in r["loss"].items())
-              + " | gap " + "  ".join(f"{k} {v:+.3f}" for k, v in r["gap"].items()), flush=True)
+        print(f"{probe}: loss " + "  ".join(f"{k} {v:.4f}" for k, v in r["loss"].items()), flush=True)
+        print("  gap " + "  ".join(f"{k} {v:+.3f}" for k, v in r["gap"].items()), flush=True)
         for name, per_t in r["gap_per_timestep"].items():
             print(f"  {name} by timestep: " + "  ".join(f"{t} {v:+.3f}" for t, v in per_t.items()), flush=True)
     if args.out:

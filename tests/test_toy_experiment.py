@@ -339,11 +339,27 @@ def test_latent_character_mask_marks_the_cells_a_character_is_in():
 def test_loss_probe_conditions_differ_only_where_they_say(models, tmp_path, monkeypatch):
     probe = _benchmark_module("toy_loss_probe")
     cases = probe.make_cut_cases(3, seed=1, frames=9, size=32)
-    assert all(np.array_equal(a["video"], b["video"]) for a, b in zip(cases, probe.make_cut_cases(3, 1, 9, 32)))
+    again = probe.make_cut_cases(3, 1, 9, 32)
+    assert all(np.array_equal(a["swapped"]["other-shape"], b["swapped"]["other-shape"]) for a, b in zip(cases, again))
+    attributes = ("shape", "colour", "pattern", "accessory")
+
+    def check_stand_ins(case):
+        truth = case["character"]
+        assert set(case["stand_ins"]) == {"other", "other-shape", "other-colour", "other-pattern", "other-accessory"}
+        for name, who in case["stand_ins"].items():
+            differs = {a for a in attributes if getattr(who, a) != getattr(truth, a)}
+            assert differs == {name[len("other-"):]} if name != "other" else differs
+
+    def same_layout(a, b):  # the same scene and motion: few pixels differ, all of them near a character
+        changed = (a != b).any(axis=-1)
+        return 0 < changed.mean() < 0.2
+
     for case in cases:
         cut = case["cut"]
-        assert np.array_equal(case["swapped"][cut:], case["video"][cut:])
-        assert not np.array_equal(case["swapped"][:cut], case["video"][:cut])
+        check_stand_ins(case)
+        for name, swapped in case["swapped"].items():
+            assert np.array_equal(swapped[cut:], case["video"][cut:])
+            assert same_layout(swapped[:cut], case["video"][:cut])
         before, after = case["caption"].split(" then ", 1)
         assert before.startswith("the same character") and case["named_caption"].endswith(" then " + after)
         assert not case["named_caption"].startswith("the same character")
@@ -361,22 +377,28 @@ def test_loss_probe_conditions_differ_only_where_they_say(models, tmp_path, monk
 
     monkeypatch.setattr(probe.Prober, "cell_losses", record)
     losses = probe.probe_cut(prober, cases)
-    (seen, c_seen, p_same, w, _), (other, c_other, p_other, _, _), (_, _, p_named, _, _) = calls
+    assert list(losses) == list(probe.PROBES["cut"]) and losses["seen"].shape == (3, len(probe.TIMESTEPS))
+    (seen, c_seen, p_same, w, _), (other, c_other, p_other, _, _) = calls[:2]
+    p_named = calls[-1][2]
     first_after = (cases[0]["cut"] - 1) // 4 + 1
-    # After the cut the latents are the very same; before it they show the other character; loss only after.
+    # After the cut the latents are the very same; before it they show the stand-in; loss only after.
     assert torch.equal(seen[0, :, first_after:], other[0, :, first_after:])
     assert not torch.equal(seen[0, :, :first_after], other[0, :, :first_after])
     assert w[0, :, :first_after].sum() == 0 and w[0, :, first_after:].sum() > 0
     assert not torch.equal(c_seen, c_other) and torch.equal(p_same, p_other) and not torch.equal(p_same, p_named)
-    assert set(losses) == {"seen", "other", "named"} and losses["seen"].shape == (3, len(probe.TIMESTEPS))
     # Fixed noise and timesteps: the same inputs give the same losses.
     assert torch.equal(real(prober, seen, c_seen, 1, p_same, w), losses["seen"])
 
+    for case in probe.make_memory_cases(2, seed=1, frames=9, size=32):
+        check_stand_ins(case)
+        assert set(case["memory"]) == {"memory", *(f"{name}-memory" for name in case["stand_ins"])}
+        assert all(same_layout(m, case["memory"]["memory"]) for k, m in case["memory"].items() if k != "memory")
+
     out = tmp_path / "probe"
-    results = probe.main(["--base", str(models / "base"), "--adapter", str(models / "adapter"), "--count", "3",
+    results = probe.main(["--base", str(models / "base"), "--adapter", str(models / "adapter"), "--count", "2",
                           "--frames", "9", "--size", "32", "--device", "cpu", "--out", str(out)])
     assert set(results) == {"cut", "memory"}
-    assert set(results["memory"]["gap"]) == {"other-memory/memory", "none/memory", "named/memory"}
+    assert set(results["memory"]["gap"]) == {f"{c}/memory" for c in probe.PROBES["memory"][1:]}
     assert all(np.isfinite(v) and v > 0 for r in results.values() for v in r["loss"].values())
     assert json.loads((out / "loss_probe.json").read_text())["results"] == json.loads(json.dumps(results))
     with pytest.raises(SystemExit):
