@@ -113,6 +113,9 @@ def _add_train_args(p: argparse.ArgumentParser):
                      help="probability of also conditioning on the target's first frame (5 frames for mm2v); "
                           "default 0.5, 0 for m2v adapters")
     rec.add_argument("--loss-on-memory", action="store_true", help="include memory positions in the loss")
+    rec.add_argument("--subject-loss-weight", type=float, default=d.subject_loss_weight,
+                     help="weight of the latent cells the subject masks cover (prepared from a manifest with "
+                          "'mask' videos), against 1 for the rest; default 1 (a plain mean)")
     rec.add_argument("--caption-dropout", type=float, default=d.caption_dropout,
                      help="probability of training a sample on the empty prompt")
     ck = p.add_argument_group("checkpoints and logs")
@@ -169,6 +172,7 @@ def run_train(args) -> int:
         gradient_checkpointing=not args.no_gradient_checkpointing, allow_tf32=args.allow_tf32,
         flow_shift=args.flow_shift, boundary_ratio=args.boundary_ratio, min_memory=args.min_memory,
         max_memory=args.max_memory, mi2v_prob=args.mi2v_prob, loss_on_memory=args.loss_on_memory,
+        subject_loss_weight=args.subject_loss_weight,
         caption_dropout=args.caption_dropout, checkpointing_steps=args.checkpointing_steps,
         checkpoints_total_limit=args.checkpoints_total_limit, resume_from_checkpoint=args.resume,
         validation_steps=args.validation_steps, validation_shots=args.validation_shots,

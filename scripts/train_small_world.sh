@@ -14,9 +14,11 @@
 # LORA_MINUTES (4), LORA_BATCH (16), LORA_WORKERS (2),
 # LORA_CHECKPOINT_STEPS (100000), LORA_RESUME (set: continue both adapters from their latest checkpoints),
 # LORA_CAPTION_DROPOUT and LORA_MI2V_PROB (train_lora.py's defaults when unset),
+# LORA_SUBJECT_WEIGHT (unset: a plain loss; w: the character's latent cells weigh w, needs CLIP_MASKS),
 # CLIP_IDENTITIES (160), CLIPS_PER_IDENTITY (12), CLIP_REFERENTIAL (0.25: the share of clip captions that refer to the
 # character instead of naming it; half of those say only "the same character"), CLIP_SCENES (unset: a new scene per
-# clip; k: each character's clips share k scenes), ENCODE_BATCH (64), PYTHON (python),
+# clip; k: each character's clips share k scenes), CLIP_MASKS (set: also write where the character is, for
+# LORA_SUBJECT_WEIGHT), ENCODE_BATCH (64), PYTHON (python),
 # VAE_INIT.
 #
 # base gives a first model in minutes; refine, continue (run it again with another CONTINUE_SEED for more) and
@@ -97,7 +99,8 @@ print('assembled', final, 'from', src, '+ decoder' if (tuned / 'config.json').is
 from storymem.toy.train_base import story_identities
 make_clip_dataset('$RUN/clips', num_identities=${CLIP_IDENTITIES:-160}, clips_per_identity=${CLIPS_PER_IDENTITY:-12},
                   num_frames=17, height=64, width=64, seed=1, referential_prob=${CLIP_REFERENTIAL:-0.25},
-                  exclude=story_identities('$RUN/stories'), workers=$WORKERS, scenes_per_identity=${CLIP_SCENES:-None})" ;;
+                  exclude=story_identities('$RUN/stories'), workers=$WORKERS, scenes_per_identity=${CLIP_SCENES:-None},
+                  subject_masks=bool('${CLIP_MASKS:-}'))" ;;
     prepare)
       $PY train_lora.py prepare --manifest "$RUN/clips/manifest.jsonl" --out "$RUN/prepared" --base "$(final_base)" \
         --height 64 --width 64 --num-frames 17 --embedder pixel --memory-candidates 4 --contexts mi2v \
@@ -112,6 +115,7 @@ make_clip_dataset('$RUN/clips', num_identities=${CLIP_IDENTITIES:-160}, clips_pe
           --max-train-minutes "${LORA_MINUTES:-4}" --checkpointing-steps "${LORA_CHECKPOINT_STEPS:-100000}" --no-gradient-checkpointing \
           --mixed-precision bf16 --dataloader-num-workers "${LORA_WORKERS:-2}" ${LORA_RESUME:+--resume latest} \
           ${LORA_CAPTION_DROPOUT:+--caption-dropout $LORA_CAPTION_DROPOUT} ${LORA_MI2V_PROB:+--mi2v-prob $LORA_MI2V_PROB} \
+          ${LORA_SUBJECT_WEIGHT:+--subject-loss-weight $LORA_SUBJECT_WEIGHT} \
           >> "$RUN/lora_$rope.log" 2>&1 &
       done
       wait

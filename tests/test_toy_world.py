@@ -313,6 +313,22 @@ def test_clip_dataset_groups_labels_resume_and_prepare(tmp_path, capsys):
         assert scenes[0] == scenes[2] and scenes[0] != scenes[1]
         assert clips[0].spec.motions != clips[2].spec.motions or clips[0].spec.seed != clips[2].spec.seed
 
+    # Subject masks: the world knows where it drew the character; rendering them changes no frame.
+    masked = make_clip_dataset(tmp_path / "masked", 2, 3, 9, 32, 32, seed=4, referential_prob=0.5,
+                               subject_masks=True)
+    masked_rows = [json.loads(line) for line in masked.manifest.read_text().splitlines()]
+    assert [r["mask"] for r in masked_rows] == [r["file"].replace("clips/", "masks/", 1) for r in rows]
+    record = masked.records[0]
+    frames, mask = record.spec.render(9, 32, 32, with_mask=True)
+    assert np.array_equal(frames, record.spec.render(9, 32, 32)) and mask.shape == (9, 32, 32)
+    background = render_background(record.spec.scene, 32, 32)
+    untouched = (frames == background[None]).all(axis=-1)
+    assert mask.any(axis=(1, 2)).all() and not (mask & untouched).any()
+    written, _ = read_video(tmp_path / "masked" / masked_rows[0]["mask"])
+    assert ((written.mean(axis=-1) > 127) == mask).mean() > 0.97
+    with pytest.raises(DatasetError, match="subject_masks"):
+        make_clip_dataset(out, 2, 3, 9, 32, 32, seed=4, referential_prob=0.5, subject_masks=True)
+
     spec = importlib.util.spec_from_file_location("train_lora", ROOT / "train_lora.py")
     train_lora = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_lora)

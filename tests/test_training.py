@@ -1,6 +1,7 @@
 """train_lora.py end to end on the tiny components: prepare, condition parity with inference, training,
 checkpoints, resume, bad data."""
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -153,6 +154,92 @@ def test_manifest_groups_time_ranges_and_cluster_of_one(clips_dir, tmp_path):
     assert "1 cluster of one" in summary.format()
     index = json.loads((tmp_path / "o" / "index.json").read_text())
     assert index["clips"][1]["start"] == 0.1 and index["contexts"] == []
+
+
+def _square_mask(k, n=14, h=40, w=48):
+    """Where :func:`_clip` draws its square: white on black."""
+    mask = np.zeros((n, h, w, 3), np.uint8)
+    for t in range(n):
+        x = 2 + 2 * t + k
+        mask[t, 12:28, x:x + 12] = 255
+    return mask
+
+
+def test_prepare_with_subject_masks_and_bad_masks(clips_dir, tmp_path):
+    from storymem.training import PrepareConfig, prepare_dataset
+    from storymem.training.sources import mask_latent_cells
+
+    masks = tmp_path / "masks"
+    for k in range(3):
+        write_video(masks / f"red{k}.mp4", _square_mask(k), fps=16)
+    write_video(masks / "short.mp4", _square_mask(0, n=9), fps=16)
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"file": str(clips_dir / f"red{k}.mp4"), "caption": "a red square", "group": "g",
+             "mask": str(masks / f"red{k}.mp4")} for k in range(3)]
+    rows += [{"file": str(clips_dir / "blue0.mp4"), "caption": "a blue square", "group": "g", "mask": "short.mp4"},
+             {"file": str(clips_dir / "blue1.mp4"), "caption": "a blue square", "group": "g", "mask": "none.mp4"}]
+    (masks / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = PrepareConfig(output_dir=tmp_path / "o", manifest=masks / "m.jsonl", base="tiny", height=SIZE,
+                           width=SIZE, num_frames=FRAMES, embedder="pixel", contexts=(), cache_dtype="float32")
+    summary = prepare_dataset(config, progress=False)
+    # A mask of another length, or none on disk: the clip is skipped, named, before any encoding.
+    assert summary.num_clips == 3 and summary.skipped_counts() == {"bad mask": 2}
+    details = " ".join(s.detail for s in summary.skipped)
+    assert "short.mp4: 9 frames, the video has 14" in details and "none.mp4: mask video not found" in details
+
+    data = PreparedDataset(tmp_path / "o")
+    assert data.has_subject_masks
+    index = json.loads((tmp_path / "o" / "index.json").read_text())
+    _, f, h, w = data.latent_shape
+    for i, clip in enumerate(index["clips"]):
+        k = int(Path(clip["source"]).stem[-1])
+        expected = resize_and_crop(_square_mask(k)[clip["frames"]], SIZE, SIZE)[..., 0] > 127
+        cells = data.tensor(i, "subject")
+        assert cells.shape == (f, h, w)
+        assert torch.equal(cells, mask_latent_cells(torch.from_numpy(expected), 4, SIZE // h))
+        # The square spans rows 12-28 of 40, so after the 0.8 resize the middle two of four cell rows.
+        assert cells[:, 1:3].amax() == 1 and cells[:, 0].amax() == 0 and cells[:, 3].amax() == 0
+    batch = collate_samples([MemoryClipDataset(data)[SampleSpec(clip=0, memory=((1, 0),))]])
+    assert batch["subject_mask"].shape == (1, f, h, w)
+
+    # A mask on some entries only is refused, naming the manifest.
+    (masks / "half.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2] + [
+        {"file": str(clips_dir / "red2.mp4"), "caption": "a red square", "group": "g"}]))
+    with pytest.raises(DataError, match="half.jsonl: 'mask' must be given on every entry or on none"):
+        prepare_dataset(dataclasses.replace(config, manifest=masks / "half.jsonl", output_dir=tmp_path / "p"),
+                        progress=False)
+
+
+def test_subject_loss_weight_is_a_weighted_mean_over_the_masked_cells(tiny_components):
+    transformer = tiny_components["transformer"]
+    z = transformer.config.out_channels
+    g = torch.Generator().manual_seed(1)
+    subject = torch.zeros(2, 3, 4, 4)
+    subject[0, :, 1:3, 1:3] = 1
+    subject[1, 2, 0, 0] = 1
+    batch = {"latents": torch.randn(2, z, 3, 4, 4, generator=g), "memory_latents": torch.randn(2, z, 2, 4, 4, generator=g),
+             "video_condition": torch.randn(2, z, 3, 4, 4, generator=g), "num_frames": 9, "num_context_frames": 0,
+             "prompt_embeds": torch.randn(2, 8, transformer.config.text_dim, generator=g), "subject_mask": subject}
+
+    def loss(**kw):
+        with torch.no_grad():
+            return flow_matching_loss(transformer, batch, generator=torch.Generator().manual_seed(0),
+                                      return_errors=True, **kw)
+
+    plain, info = loss()
+    weighted, _ = loss(subject_loss_weight=6.0)
+    weights = (1 + 5 * subject).unsqueeze(1).expand_as(info["errors"])
+    assert torch.allclose(weighted, (info["errors"] * weights).sum() / weights.sum(), rtol=1e-5)
+    assert torch.allclose(loss(subject_loss_weight=1.0)[0], plain)
+    # The subject's errors are larger here than the rest's, so weighting them raises the loss.
+    inside = info["errors"][subject.unsqueeze(1).expand_as(info["errors"]) > 0].mean()
+    assert (weighted > plain) == bool(inside > info["errors"].mean())
+    # With memory frames in the loss they weigh 1.
+    on_memory, _ = loss(subject_loss_weight=6.0, loss_on_memory=True)
+    assert torch.isfinite(on_memory) and not torch.allclose(on_memory, weighted)
+    with pytest.raises(ValueError, match="subject_mask"):
+        flow_matching_loss(transformer, {k: v for k, v in batch.items() if k != "subject_mask"},
+                           subject_loss_weight=2.0)
 
 
 # ---------------------------------------------------------------------------------------------- parity
@@ -313,6 +400,10 @@ def test_train_rejects_mismatched_settings_before_loading_models(prepared, lora_
         train(_train_config(only_mi2v, mm2v, tmp_path / "b"))
     with pytest.raises(DataError, match="no index.json"):
         train(_train_config(tmp_path / "missing", lora_config_file, tmp_path / "c"))
+    with pytest.raises(DataError, match="subject-loss-weight needs subject masks"):
+        train(_train_config(prepared, lora_config_file, tmp_path / "d", subject_loss_weight=4.0))
+    with pytest.raises(ValueError, match="subject_loss_weight must be > 0"):
+        train(_train_config(prepared, lora_config_file, tmp_path / "e", subject_loss_weight=0.0))
 
 
 def test_bench_train_step_runs_tiny():

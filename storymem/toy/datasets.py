@@ -8,7 +8,8 @@ each (different scenes and motions); the clips of one character form one group, 
     out_dir/
       clips/<group>/<group>_NN.mp4    H.264 clips
       clips/<group>/<group>_NN.txt    their captions (so ``--clips out_dir/clips`` works too)
-      manifest.jsonl                  {"file", "caption", "group"} per clip: ``prepare --manifest``
+      masks/<group>/<group>_NN.mp4    with ``subject_masks``: white where the character is
+      manifest.jsonl                  {"file", "caption", "group"[, "mask"]} per clip: ``prepare --manifest``
       labels.jsonl                    {"file", "group", "identity", "character", "clip", "caption_mode"}
       dataset.json                    the generation settings and the identities
 
@@ -78,13 +79,17 @@ class ClipRecord:
     character: Character
     spec: ClipSpec
     caption_mode: str
+    mask: Optional[str] = None  # the subject mask video, relative to the dataset folder
 
     @property
     def identity(self) -> str:
         return self.character.key
 
     def manifest_entry(self) -> dict:
-        return {"file": self.file, "caption": self.caption, "group": self.group}
+        entry = {"file": self.file, "caption": self.caption, "group": self.group}
+        if self.mask is not None:
+            entry["mask"] = self.mask
+        return entry
 
     def label_entry(self) -> dict:
         return {"file": self.file, "group": self.group, "identity": self.identity,
@@ -164,11 +169,16 @@ def _caption_mode(rng: np.random.Generator, referential_prob: float) -> str:
 
 
 def _render_and_write(job: tuple) -> str:
-    """Worker: render one clip and write its mp4 (atomic) and caption."""
-    path, spec_dict, caption, num_frames, height, width, fps, crf = job
+    """Worker: render one clip and write its mp4 (atomic), caption and, if asked, subject mask video."""
+    path, spec_dict, caption, num_frames, height, width, fps, crf, mask_path = job
     from ..video import write_video
 
-    frames = ClipSpec.from_dict(spec_dict).render(num_frames, height, width)
+    spec = ClipSpec.from_dict(spec_dict)
+    if mask_path is None:
+        frames = spec.render(num_frames, height, width)
+    else:
+        frames, mask = spec.render(num_frames, height, width, with_mask=True)
+        write_video(mask_path, np.repeat(mask[..., None], 3, axis=-1).astype(np.uint8) * 255, fps=fps, crf=crf)
     write_video(path, frames, fps=fps, crf=crf)
     atomic_write_text(Path(path).with_suffix(".txt"), caption + "\n")
     return path
@@ -190,6 +200,7 @@ def make_clip_dataset(
     overwrite: bool = False,
     progress: bool = False,
     scenes_per_identity: Optional[int] = None,
+    subject_masks: bool = False,
 ) -> ClipDataset:
     """Write clustered single-shot training clips of toy characters (see the module docstring for the layout).
 
@@ -204,7 +215,9 @@ def make_clip_dataset(
 
     Running it again with the same settings keeps the clips already written (an interrupted run resumes);
     different settings in a folder that holds a dataset raise :class:`DatasetError` unless ``overwrite``.
-    ``workers`` > 1 renders and encodes clips in that many processes.
+    ``workers`` > 1 renders and encodes clips in that many processes. ``subject_masks`` also writes, per
+    clip, a video of where the character is (the world knows what it drew), listed as the manifest's
+    ``mask`` for ``train_lora.py train --subject-loss-weight``.
     """
     _check_positive("num_identities", num_identities)
     _check_positive("clips_per_identity", clips_per_identity)
@@ -224,6 +237,8 @@ def make_clip_dataset(
                 "referential_prob": float(referential_prob),
                 "scenes_per_identity": None if scenes_per_identity is None else int(scenes_per_identity),
                 "exclude": sorted(c.key if isinstance(c, Character) else str(c) for c in exclude)}
+    if subject_masks:  # only when set: folders written before masks existed keep their settings
+        settings["subject_masks"] = True
     info_path = root / "dataset.json"
     if info_path.exists() and not overwrite:
         try:
@@ -251,16 +266,19 @@ def make_clip_dataset(
                 spec = ClipSpec.random(rng, character, scene=scenes[k % len(scenes)])
             mode = _caption_mode(rng, referential_prob)
             file = f"clips/{group}/{group}_{k:02d}.mp4"
-            records.append(ClipRecord(file, spec.caption(mode), group, character, spec, mode))
+            mask = f"masks/{group}/{group}_{k:02d}.mp4" if subject_masks else None
+            records.append(ClipRecord(file, spec.caption(mode), group, character, spec, mode, mask))
 
     atomic_write_json(info_path, {"settings": settings, "complete": False,
                                   "identities": [c.key for c in identities]})
     jobs = []
     for record in records:
         path = root / record.file
-        if overwrite or not (path.is_file() and path.with_suffix(".txt").is_file()):
+        mask = None if record.mask is None else root / record.mask
+        done = path.is_file() and path.with_suffix(".txt").is_file() and (mask is None or mask.is_file())
+        if overwrite or not done:
             jobs.append((str(path), record.spec.to_dict(), record.caption, int(num_frames), int(height), int(width),
-                         float(fps), int(crf)))
+                         float(fps), int(crf), None if mask is None else str(mask)))
     _run_jobs(jobs, workers, progress)
 
     atomic_write_text(root / "manifest.jsonl", "".join(json.dumps(r.manifest_entry()) + "\n" for r in records))

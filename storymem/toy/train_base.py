@@ -375,14 +375,9 @@ def latent_character_mask(video: torch.Tensor, temporal_scale: int = 4, spatial_
     """Which latent cells show a character: ``video`` float ``[B, 3, T, H, W]`` in [-1, 1] (T = 4n+1) ->
     ``[B, 1, f, H/s, W/s]`` of 0/1, a cell being 1 if any of its pixels, in any frame it encodes, is a
     character's (saturated) pixel. Latent frame 0 encodes pixel frame 0, frame k the frames 4k-3 .. 4k."""
-    pixels = _character_weight(video, 1.0) - 1.0
-    first, rest = pixels[:, :, :1], pixels[:, :, 1:]
-    if rest.shape[2] % temporal_scale:
-        raise ValueError(f"a clip of {video.shape[2]} frames is not {temporal_scale}n+1 frames long")
-    if rest.shape[2]:
-        rest = rest.unflatten(2, (-1, temporal_scale)).amax(dim=3)
-    cells = torch.cat([first, rest], dim=2)
-    return F.max_pool3d(cells, kernel_size=(1, spatial_scale, spatial_scale))
+    from ..training.sources import mask_latent_cells
+
+    return mask_latent_cells(_character_weight(video, 1.0) - 1.0, temporal_scale, spatial_scale)
 
 
 @torch.no_grad()

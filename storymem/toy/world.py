@@ -898,12 +898,13 @@ def _as_motion(motion: MotionLike, rng: np.random.Generator) -> Motion:
 
 def render_clip(characters: Character | Sequence[Character], scene: Scene,
                 motion: MotionLike | Sequence[MotionLike], num_frames: int, height: int, width: int,
-                seed: int = 0) -> np.ndarray:
+                seed: int = 0, with_mask: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Render a clip: uint8 [num_frames, height, width, 3].
 
     ``motion`` is one motion per character, or one motion for the first character while the others stand
     mirrored across the middle. A motion given by kind only (``"walk"``) gets its direction and start from
-    ``seed``. Same arguments, same frames.
+    ``seed``. Same arguments, same frames. ``with_mask`` also returns where the characters are: bool
+    ``[num_frames, height, width]``, the pixels a character covers at least half of (shadows excluded).
     """
     characters = [characters] if isinstance(characters, Character) else list(characters)
     if not characters:
@@ -925,6 +926,7 @@ def render_clip(characters: Character | Sequence[Character], scene: Scene,
     tracks = [_track(c, m, num_frames, height, width, np.random.default_rng(rng.integers(2 ** 62)))
               for c, m in zip(characters, motions)]
     frames = np.empty((num_frames, height, width, 3), np.uint8)
+    mask = np.zeros((num_frames, height, width), bool) if with_mask else None
     for i in range(num_frames):
         canvas = background.copy()
         for poses, feet, hops in tracks:  # shadows first: a character never darkens another one
@@ -932,7 +934,14 @@ def render_clip(characters: Character | Sequence[Character], scene: Scene,
         for character, (poses, _, _) in zip(characters, tracks):
             draw_character(canvas, character, poses[i])
         frames[i] = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
-    return frames
+        if with_mask:
+            # Drawn over black and over white, a pixel covered by a fraction a differs by (1 - a) x 255.
+            black, white = np.zeros((height, width, 3), np.float32), np.full((height, width, 3), 255.0, np.float32)
+            for character, (poses, _, _) in zip(characters, tracks):
+                draw_character(black, character, poses[i])
+                draw_character(white, character, poses[i])
+            mask[i] = (white - black).mean(axis=-1) <= 127.5
+    return (frames, mask) if with_mask else frames
 
 
 def _motions_for(characters, motion, rng) -> list[Motion]:
@@ -1028,9 +1037,10 @@ class ClipSpec:
             raise WorldError(f"a clip needs one motion per character, got {len(self.characters)} characters and "
                              f"{len(self.motions)} motions")
 
-    def render(self, num_frames: int, height: int, width: int) -> np.ndarray:
+    def render(self, num_frames: int, height: int, width: int,
+               with_mask: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         return render_clip(list(self.characters), self.scene, list(self.motions), num_frames, height, width,
-                           self.seed)
+                           self.seed, with_mask=with_mask)
 
     def caption(self, mode: str = "first") -> str:
         return caption(list(self.characters), self.scene, list(self.motions), mode)

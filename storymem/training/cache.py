@@ -17,10 +17,13 @@ Layout of a prepared folder::
     shared.safetensors         "m2v": M2V video condition [16, f, h, w]; "empty_text": embedding of ""
     shards/shard-00000.safetensors
                                per clip id c: "c.latents" [16, f, h, w], "c.memory" [16, K, h, w],
-                               "c.mi2v" / "c.mm2v" [16, f, h, w], "c.text" [n_tokens, text_dim]
+                               "c.mi2v" / "c.mm2v" [16, f, h, w], "c.text" [n_tokens, text_dim],
+                               "c.subject" [f, h, w] (1 where the clip's subject mask touches a latent
+                               cell; only when the manifest gives masks)
 
 Preparation reads every source once to check and embed it (skipping, with a reason, clips that are too
-short, lack a caption, cannot be decoded, or end up alone in their cluster) before any VAE work starts.
+short, lack a caption, cannot be decoded, have a mask that does not match them, or end up alone in their
+cluster) before any VAE work starts.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from .sources import (
     check_sizes,
     detect_shots,
     discover_sources,
+    mask_latent_cells,
     memory_candidate_positions,
     read_clip,
     resample_indices,
@@ -266,6 +270,11 @@ def _scan_source(source: ClipSource, config: PrepareConfig,
         except (ValueError, OSError, RuntimeError) as e:  # VideoError is a ValueError
             skipped.append(Skipped(clip.name, "unreadable", str(e).splitlines()[0] if str(e) else ""))
             continue
+        if source.mask is not None:
+            problem = _mask_problem(source.mask, start, end, len(video))
+            if problem:
+                skipped.append(Skipped(clip.name, "bad mask", problem))
+                continue
         indices = resample_indices(len(video), src_fps, config.fps)
         offset = select_window(len(indices), config.num_frames, config.window)
         if offset is None:
@@ -277,6 +286,27 @@ def _scan_source(source: ClipSource, config: PrepareConfig,
                                             config.width)))
         del video
     return found, skipped
+
+
+def _mask_problem(mask: Path, start: Optional[float], end: Optional[float], num_frames: int) -> Optional[str]:
+    """Why a subject mask video cannot be used with a clip of ``num_frames`` frames (None if it can)."""
+    if not mask.is_file():
+        return f"{mask}: mask video not found"
+    try:
+        frames = read_clip(mask, start, end)[0]
+    except (ValueError, OSError, RuntimeError) as e:
+        return f"{mask}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if len(frames) != num_frames:
+        return f"{mask}: {len(frames)} frames, the video has {num_frames}"
+    return None
+
+
+def _subject_cells(mask_frames: np.ndarray, height: int, width: int, latent_shape: Sequence[int]) -> torch.Tensor:
+    """A clip's window of mask frames (uint8 ``[F, H', W', 3]``) -> ``[f, h, w]`` latent cells of the subject."""
+    frames = resize_and_crop(mask_frames, height, width)
+    _, f, h, w = latent_shape
+    pixels = torch.from_numpy(frames.mean(axis=-1) > 127.5)
+    return mask_latent_cells(pixels, temporal_scale=(len(frames) - 1) // max(f - 1, 1), spatial_scale=height // h)
 
 
 def trim_text_embedding(embedding: torch.Tensor) -> torch.Tensor:
@@ -398,20 +428,25 @@ def prepare_dataset(config: PrepareConfig, embedder=None, progress: bool = True)
     def load(run: list[int]):
         clip = kept[run[0]]
         try:
-            return read_clip(clip.source.path, clip.start, clip.end)[0]
+            video = read_clip(clip.source.path, clip.start, clip.end)[0]
+            mask = None if clip.source.mask is None else read_clip(clip.source.mask, clip.start, clip.end)[0]
+            return video, mask
         except (ValueError, OSError, RuntimeError) as e:
             return DataError(f"{clip.name}: was readable while scanning but not now: {e}")
 
     bar = tqdm(total=len(kept), desc="encoding clips", disable=not progress)
-    pending: list[tuple[int, np.ndarray]] = []
+    pending: list[tuple[int, np.ndarray, Optional[torch.Tensor]]] = []
+    subject_masks = any(c.source.mask is not None for c in kept)
 
     def encode_pending():
         nonlocal buffered
         with torch.no_grad():
-            encoded = encode_clips(pipe, [f for _, f in pending], [kept[j].source.caption for j, _ in pending],
+            encoded = encode_clips(pipe, [f for _, f, _ in pending], [kept[j].source.caption for j, _, _ in pending],
                                    positions, config.contexts, config.max_sequence_length, device)
-        for (j, _), tensors in zip(pending, encoded):
+        for (j, _, cells), tensors in zip(pending, encoded):
             cid = clip_entries[j]["id"]
+            if cells is not None:
+                tensors["subject"] = cells
             for name, value in tensors.items():
                 buffer[f"{cid}.{name}"] = value.to(dtype)
             clip_entries[j]["shard"] = len(shard_entries)
@@ -424,8 +459,10 @@ def prepare_dataset(config: PrepareConfig, embedder=None, progress: bool = True)
     for run, loaded in zip(runs, _ordered_map(load, runs, config.decode_workers)):
         if isinstance(loaded, DataError):
             raise loaded
+        video, mask = loaded
         for j in run:
-            pending.append((j, resize_and_crop(loaded[kept[j].frame_indices], H, W)))
+            cells = None if mask is None else _subject_cells(mask[kept[j].frame_indices], H, W, latent_shape)
+            pending.append((j, resize_and_crop(video[kept[j].frame_indices], H, W), cells))
             if len(pending) >= config.encode_batch_size:
                 encode_pending()
     if pending:
@@ -445,6 +482,7 @@ def prepare_dataset(config: PrepareConfig, embedder=None, progress: bool = True)
         "dtype": config.cache_dtype,
         "contexts": list(config.contexts),
         "memory_positions": positions,
+        "subject_masks": subject_masks,
         "embedder": _embedder_name(config, embedder),
         "cluster_size": config.cluster_size,
         "shared": {"file": SHARED_NAME, "sha256": shared_sha},
@@ -582,6 +620,9 @@ class PreparedDataset:
         expected_per_clip = {"latents": (z, f, h, w), "memory": (z, self.memory_count, h, w),
                              "text": (None, text_dim)}
         expected_per_clip.update({c: (z, f, h, w) for c in index["contexts"]})
+        self.has_subject_masks = bool(index.get("subject_masks"))
+        if self.has_subject_masks:
+            expected_per_clip["subject"] = (f, h, w)
         clips_by_shard: dict[int, list[int]] = {}
         for i, clip in enumerate(index["clips"]):
             for key in ("id", "caption", "cluster", "shard"):
@@ -700,7 +741,8 @@ class PreparedDataset:
         return self.index["shards"][self.clips[clip]["shard"]]["file"]
 
     def tensor(self, clip: int, key: str) -> torch.Tensor:
-        """A cached tensor of a clip: ``latents``, ``memory``, ``text``, or a context (``mi2v``/``mm2v``)."""
+        """A cached tensor of a clip: ``latents``, ``memory``, ``text``, a context (``mi2v``/``mm2v``), or
+        ``subject`` (with masks)."""
         return self._handle(self._shard_file(clip)).get_tensor(f"{self.clips[clip]['id']}.{key}")
 
     def memory_frame(self, clip: int, candidate: int) -> torch.Tensor:

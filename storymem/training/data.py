@@ -123,7 +123,7 @@ class MemoryClipDataset(torch.utils.data.Dataset):
         text = data.shared("empty_text") if spec.drop_caption else data.tensor(spec.clip, "text")
         memory = [data.memory_frame(c, j) for c, j in spec.memory]
         z, _, h, w = data.latent_shape
-        return {
+        sample = {
             "latents": data.tensor(spec.clip, "latents"),
             "memory_latents": torch.cat(memory, dim=1) if memory else torch.zeros(z, 0, h, w, dtype=condition.dtype),
             "video_condition": condition,
@@ -132,6 +132,9 @@ class MemoryClipDataset(torch.utils.data.Dataset):
             "num_frames": data.num_frames,
             "clip": spec.clip,
         }
+        if data.has_subject_masks:
+            sample["subject_mask"] = data.tensor(spec.clip, "subject")
+        return sample
 
 
 def collate_samples(samples: list[dict]) -> dict:
@@ -140,7 +143,7 @@ def collate_samples(samples: list[dict]) -> dict:
         values = {s[key] for s in samples}
         if len(values) != 1:
             raise ValueError(f"a batch mixes {key} values {sorted(values)}")
-    return {
+    batch = {
         "latents": torch.stack([s["latents"] for s in samples]),
         "memory_latents": torch.stack([s["memory_latents"] for s in samples]),
         "video_condition": torch.stack([s["video_condition"] for s in samples]),
@@ -149,3 +152,6 @@ def collate_samples(samples: list[dict]) -> dict:
         "num_frames": samples[0]["num_frames"],
         "clips": torch.tensor([s["clip"] for s in samples]),
     }
+    if all("subject_mask" in s for s in samples):
+        batch["subject_mask"] = torch.stack([s["subject_mask"] for s in samples])
+    return batch

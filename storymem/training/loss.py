@@ -26,13 +26,17 @@ def flow_matching_loss(model, batch: dict, expert: str = "high", flow_shift: flo
                        boundary_ratio: float = 0.9, rope_mode: str = "negative", rope_stride: int = 5,
                        loss_on_memory: bool = False, rope_model=None, weight_dtype: Optional[torch.dtype] = None,
                        generator: Optional[torch.Generator] = None, timesteps: Optional[torch.Tensor] = None,
-                       temporal_scale: int = 4, return_errors: bool = False) -> tuple[torch.Tensor, dict]:
+                       temporal_scale: int = 4, return_errors: bool = False,
+                       subject_loss_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Rectified-flow velocity loss of ``model`` on one batch of :func:`~storymem.training.data.collate_samples`.
 
     The noisy input spans memory and target frames alike (as in sampling, where the scheduler steps all
     ``fm + f`` frames): ``x_t = (1 - t) x0 + t eps`` with ``x0 = [memory latents, target latents]``; the loss is
     ``|v - (eps - x0)|^2`` averaged over the target's latent frames (and the memory frames with
-    ``loss_on_memory``).
+    ``loss_on_memory``). With ``subject_loss_weight`` w != 1 the target's latent cells that show the subject
+    (``batch["subject_mask"]`` ``[B, f, h, w]``, from prepared subject masks) weigh w times the others (a
+    weighted mean, so the loss keeps its scale): in clips where the subject is small, what memory is for
+    (who it is) is otherwise a small share of the loss.
 
     Args:
         model: the (possibly wrapped) transformer to call.
@@ -64,7 +68,18 @@ def flow_matching_loss(model, batch: dict, expert: str = "high", flow_shift: flo
         prediction = model(hidden_states=hidden_states, timestep=timesteps,
                            encoder_hidden_states=batch["prompt_embeds"].to(weight_dtype), return_dict=False)[0]
     start = 0 if loss_on_memory else fm
-    loss = F.mse_loss(prediction[:, :, start:].float(), target[:, :, start:].float())
+    if subject_loss_weight == 1.0:
+        loss = F.mse_loss(prediction[:, :, start:].float(), target[:, :, start:].float())
+    else:
+        if "subject_mask" not in batch:
+            raise ValueError("subject_loss_weight needs the batch's 'subject_mask' (prepare with subject masks)")
+        subject = batch["subject_mask"].to(x0.device, torch.float32).unsqueeze(1)  # [B, 1, f, h, w]
+        weights = 1.0 + (subject_loss_weight - 1.0) * subject
+        if start < fm:  # memory frames, when in the loss, weigh 1
+            weights = torch.cat([weights.new_ones(batch_size, 1, fm - start, *weights.shape[-2:]), weights], dim=2)
+        weights = weights.expand_as(prediction[:, :, start:])
+        errors = (prediction[:, :, start:].float() - target[:, :, start:].float()).square()
+        loss = (errors * weights).sum() / weights.sum()
     info = {"timesteps": timesteps, "num_memory_frames": fm}
     if return_errors:
         info["errors"] = (prediction[:, :, fm:].detach().float() - target[:, :, fm:].float()).square()

@@ -7,7 +7,9 @@ manifest, one object per line::
     {"file": "long.mp4", "caption": "...", "start": 3.0, "end": 8.5, "group": "episode-1"}
 
 ``file`` is relative to the manifest's folder (or absolute); ``start``/``end`` (seconds) cut one clip out of a
-longer video; ``group`` (optional, on every entry or none) fixes the clusters instead of embedding similarity.
+longer video; ``group`` (optional, on every entry or none) fixes the clusters instead of embedding similarity;
+``mask`` (optional, on every entry or none) is a video of the same frames, white where the subject is (a
+segmenter's output), which ``train_lora.py train --subject-loss-weight`` uses to weight the loss.
 
 A clip becomes a training sample of ``num_frames`` frames at ``fps``: the source is resampled in time to
 ``fps`` (nearest earlier frame), a window of ``num_frames`` frames is taken (centred by default), and every
@@ -37,6 +39,7 @@ __all__ = [
     "resample_indices",
     "resize_and_crop",
     "select_window",
+    "mask_latent_cells",
     "memory_candidate_positions",
     "read_clip",
 ]
@@ -54,6 +57,7 @@ class ClipSource:
     end: Optional[float] = None
     group: Optional[str] = None
     where: str = ""  # where it was listed (manifest line), for messages
+    mask: Optional[Path] = None  # subject mask video (white = subject), frame for frame with ``path``
 
     @property
     def name(self) -> str:
@@ -113,13 +117,19 @@ def _manifest_sources(manifest: Path) -> list[ClipSource]:
             group = entry.get("group")
             if group is not None and not isinstance(group, (str, int)):
                 raise DataError(f"{where}: field 'group' must be a string or an integer")
+            mask = entry.get("mask")
+            if mask is not None and (not isinstance(mask, str) or not mask):
+                raise DataError(f"{where}: field 'mask' must be the path of a mask video")
             path = Path(entry["file"])
             path = path if path.is_absolute() else manifest.parent / path
+            if mask is not None:
+                mask = Path(mask) if Path(mask).is_absolute() else manifest.parent / mask
             sources.append(ClipSource(path=path, caption=(caption or "").strip() or None, start=times["start"],
-                                      end=times["end"], group=None if group is None else str(group), where=where))
-    groups = {s.group is None for s in sources}
-    if len(groups) > 1:
-        raise DataError(f"{manifest}: 'group' must be given on every entry or on none")
+                                      end=times["end"], group=None if group is None else str(group), where=where,
+                                      mask=mask))
+    for key in ("group", "mask"):
+        if len({getattr(s, key) is None for s in sources}) > 1:
+            raise DataError(f"{manifest}: '{key}' must be given on every entry or on none")
     return sources
 
 
@@ -210,6 +220,22 @@ def resize_and_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
         chunk = chunk[:, :, top:top + height, left:left + width].round().clamp(0, 255).to(torch.uint8)
         out[start:start + 16] = chunk.permute(0, 2, 3, 1).numpy()
     return out
+
+
+def mask_latent_cells(mask: torch.Tensor, temporal_scale: int = 4, spatial_scale: int = 8) -> torch.Tensor:
+    """Which latent cells a pixel mask touches: ``mask`` ``[..., T, H, W]`` (T = 4n+1, nonzero = subject) ->
+    float 0/1 ``[..., f, H/s, W/s]``. Latent frame 0 encodes pixel frame 0 and frame k the frames
+    ``4k-3 .. 4k`` (the causal VAE), so a cell is 1 if any of its pixels, in any frame it encodes, is set."""
+    cells = (mask != 0).float()
+    lead = cells.shape[:-3]
+    cells = cells.reshape(-1, *cells.shape[-3:])
+    first, rest = cells[:, :1], cells[:, 1:]
+    if rest.shape[1] % temporal_scale:
+        raise ValueError(f"a mask of {cells.shape[1]} frames is not {temporal_scale}n+1 frames long")
+    if rest.shape[1]:
+        rest = rest.unflatten(1, (-1, temporal_scale)).amax(dim=2)
+    cells = F.max_pool2d(torch.cat([first, rest], dim=1), kernel_size=spatial_scale)
+    return cells.reshape(*lead, *cells.shape[1:])
 
 
 def memory_candidate_positions(num_frames: int, count: int) -> list[int]:

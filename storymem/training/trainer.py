@@ -83,6 +83,7 @@ class TrainConfig:
     max_memory: int = 10
     mi2v_prob: Optional[float] = None  # None: 0.5 for mi2v/mm2v adapters, 0 for m2v
     loss_on_memory: bool = False
+    subject_loss_weight: float = 1.0  # weight of subject cells (prepared subject masks); 1 = a plain mean
     caption_dropout: float = 0.0
     checkpointing_steps: int = 500
     checkpoints_total_limit: Optional[int] = None
@@ -110,6 +111,8 @@ class TrainConfig:
             raise TrainingConfigError(f"mi2v_prob must be in [0, 1], got {self.mi2v_prob}")
         if not 0 <= self.caption_dropout <= 1:
             raise TrainingConfigError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.subject_loss_weight <= 0:
+            raise TrainingConfigError(f"subject_loss_weight must be > 0, got {self.subject_loss_weight}")
         if self.flow_shift <= 0:
             raise TrainingConfigError(f"flow_shift must be > 0, got {self.flow_shift}")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
@@ -291,6 +294,9 @@ def train(config: TrainConfig) -> TrainResult:
     if context_prob > 0 and context not in data.contexts:
         raise DataError(f"{data.root}: the {lora_config.conditioning} adapter needs the {context!r} condition, "
                         f"which was not prepared (have {data.contexts}); re-run prepare with --contexts {context}")
+    if config.subject_loss_weight != 1.0 and not data.has_subject_masks:
+        raise DataError(f"{data.root}: --subject-loss-weight needs subject masks, and this dataset was prepared "
+                        "without them; give each manifest entry a 'mask' video and re-run prepare")
     if data.base and data.base != base_identity(config.base):
         logger.warning("%s was prepared with base %s, training on %s: latents and text embeddings must come from "
                        "the same VAE and text encoder", data.root, data.base, base_identity(config.base))
@@ -417,7 +423,8 @@ def train(config: TrainConfig) -> TrainResult:
     result = TrainResult(adapter_dir=output_dir / CHECKPOINT_ADAPTER, global_step=global_step)
     loss_kwargs = dict(expert=config.expert, flow_shift=config.flow_shift, boundary_ratio=config.boundary_ratio,
                        rope_mode=lora_config.memory_rope, rope_stride=lora_config.memory_rope_stride,
-                       loss_on_memory=config.loss_on_memory, rope_model=unwrapped, weight_dtype=weight_dtype)
+                       loss_on_memory=config.loss_on_memory, rope_model=unwrapped, weight_dtype=weight_dtype,
+                       subject_loss_weight=config.subject_loss_weight)
     progress = tqdm(total=config.max_train_steps, initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     epoch = first_epoch
