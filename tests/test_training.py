@@ -217,7 +217,8 @@ def test_subject_loss_weight_is_a_weighted_mean_over_the_masked_cells(tiny_compo
     subject = torch.zeros(2, 3, 4, 4)
     subject[0, :, 1:3, 1:3] = 1
     subject[1, 2, 0, 0] = 1
-    batch = {"latents": torch.randn(2, z, 3, 4, 4, generator=g), "memory_latents": torch.randn(2, z, 2, 4, 4, generator=g),
+    batch = {"latents": torch.randn(2, z, 3, 4, 4, generator=g),
+             "memory_latents": torch.randn(2, z, 2, 4, 4, generator=g),
              "video_condition": torch.randn(2, z, 3, 4, 4, generator=g), "num_frames": 9, "num_context_frames": 0,
              "prompt_embeds": torch.randn(2, 8, transformer.config.text_dim, generator=g), "subject_mask": subject}
 
