@@ -173,19 +173,22 @@ def test_prepare_with_subject_masks_and_bad_masks(clips_dir, tmp_path):
     for k in range(3):
         write_video(masks / f"red{k}.mp4", _square_mask(k), fps=16)
     write_video(masks / "short.mp4", _square_mask(0, n=9), fps=16)
+    write_video(masks / "small.mp4", _square_mask(0)[:, :32, :32], fps=16)
     manifest = tmp_path / "m.jsonl"
     rows = [{"file": str(clips_dir / f"red{k}.mp4"), "caption": "a red square", "group": "g",
              "mask": str(masks / f"red{k}.mp4")} for k in range(3)]
     rows += [{"file": str(clips_dir / "blue0.mp4"), "caption": "a blue square", "group": "g", "mask": "short.mp4"},
-             {"file": str(clips_dir / "blue1.mp4"), "caption": "a blue square", "group": "g", "mask": "none.mp4"}]
+             {"file": str(clips_dir / "blue1.mp4"), "caption": "a blue square", "group": "g", "mask": "none.mp4"},
+             {"file": str(clips_dir / "blue2.mp4"), "caption": "a blue square", "group": "g", "mask": "small.mp4"}]
     (masks / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = PrepareConfig(output_dir=tmp_path / "o", manifest=masks / "m.jsonl", base="tiny", height=SIZE,
                            width=SIZE, num_frames=FRAMES, embedder="pixel", contexts=(), cache_dtype="float32")
     summary = prepare_dataset(config, progress=False)
-    # A mask of another length, or none on disk: the clip is skipped, named, before any encoding.
-    assert summary.num_clips == 3 and summary.skipped_counts() == {"bad mask": 2}
+    # A mask of another length or size, or none on disk: the clip is skipped, named, before any encoding.
+    assert summary.num_clips == 3 and summary.skipped_counts() == {"bad mask": 3}
     details = " ".join(s.detail for s in summary.skipped)
     assert "short.mp4: 9 frames, the video has 14" in details and "none.mp4: mask video not found" in details
+    assert "small.mp4: 32x32 pixels, the video is 48x40" in details
 
     data = PreparedDataset(tmp_path / "o")
     assert data.has_subject_masks

@@ -271,7 +271,7 @@ def _scan_source(source: ClipSource, config: PrepareConfig,
             skipped.append(Skipped(clip.name, "unreadable", str(e).splitlines()[0] if str(e) else ""))
             continue
         if source.mask is not None:
-            problem = _mask_problem(source.mask, start, end, len(video))
+            problem = _mask_problem(source.mask, start, end, video.shape[:3])
             if problem:
                 skipped.append(Skipped(clip.name, "bad mask", problem))
                 continue
@@ -288,16 +288,18 @@ def _scan_source(source: ClipSource, config: PrepareConfig,
     return found, skipped
 
 
-def _mask_problem(mask: Path, start: Optional[float], end: Optional[float], num_frames: int) -> Optional[str]:
-    """Why a subject mask video cannot be used with a clip of ``num_frames`` frames (None if it can)."""
+def _mask_problem(mask: Path, start: Optional[float], end: Optional[float], shape: tuple) -> Optional[str]:
+    """Why a subject mask video cannot be used with a clip of ``shape`` (frames, height, width); None if it can."""
     if not mask.is_file():
         return f"{mask}: mask video not found"
     try:
         frames = read_clip(mask, start, end)[0]
     except (ValueError, OSError, RuntimeError) as e:
         return f"{mask}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-    if len(frames) != num_frames:
-        return f"{mask}: {len(frames)} frames, the video has {num_frames}"
+    if len(frames) != shape[0]:
+        return f"{mask}: {len(frames)} frames, the video has {shape[0]}"
+    if frames.shape[1:3] != tuple(shape[1:3]):
+        return f"{mask}: {frames.shape[2]}x{frames.shape[1]} pixels, the video is {shape[2]}x{shape[1]}"
     return None
 
 
