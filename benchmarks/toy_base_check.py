@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from storymem.toy.detector import ATTRIBUTES, IdentityDetector  # noqa: E402
+from storymem.toy.checks import DetectionTally, sample_shot  # noqa: E402
+from storymem.toy.detector import IdentityDetector  # noqa: E402
 from storymem.toy.train_base import cut_clip  # noqa: E402
 from storymem.toy.world import Character, ClipSpec  # noqa: E402
 
@@ -77,8 +77,7 @@ def main(argv=None):
     results = {}
     sheets = {}
     for mode in modes:
-        hits = {a: 0 for a in ATTRIBUTES}
-        whole, found, seconds = 0, 0, 0.0
+        tally = DetectionTally()
         rows = []
         for i, character in enumerate(characters):
             spec = ClipSpec.random(rng, character)
@@ -93,28 +92,16 @@ def main(argv=None):
                 kwargs["first_frame"] = Image.fromarray(truth[0])
             if mode == "i2v-cut":  # keep frame 0 in the output, so frame indices are the truth's and the cut's
                 kwargs["drop_context_frames"] = False
-            generator = torch.Generator("cpu").manual_seed(args.seed + i)
-            start = time.perf_counter()
-            frames = pipe(prompt=prompt, negative_prompt="", height=args.size, width=args.size,
-                          num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                          generator=generator, output_type="np", **kwargs).frames[0]
-            seconds += time.perf_counter() - start
-            video = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
-            detection = detector.identify(video[cut:])
-            if detection is not None:
-                found += 1
-                for a in ATTRIBUTES:
-                    hits[a] += getattr(detection.character, a) == getattr(character, a)
-                whole += detection.character.key == character.key
+            video, seconds = sample_shot(pipe, prompt, args.size, args.frames, args.steps, args.guidance,
+                                         args.seed + i, **kwargs)
+            tally.add(detector.identify(video[cut:]), character, seconds)
             if i < 8:
                 rows.append(np.concatenate([truth[[0, args.frames // 2, -1]].reshape(-1, args.size, 3),
                                             video[[0, args.frames // 2, -1]].reshape(-1, args.size, 3)], axis=1))
-        n = len(characters)
-        results[mode] = {"identity": whole / n, "detected": found / n,
-                         **{a: hits[a] / n for a in ATTRIBUTES}, "seconds_per_shot": seconds / n}
+        results[mode] = {k: v for k, v in tally.results().items() if k != "memory"}
         sheets[mode] = np.concatenate(rows, axis=1)
-        print(f"{mode}: identity {whole / n:.3f}  " + "  ".join(f"{a} {hits[a] / n:.3f}" for a in ATTRIBUTES)
-              + f"  detected {found / n:.3f}  {seconds / n:.2f} s/shot", flush=True)
+        print(f"{mode}: {tally.line()}  detected {results[mode]['detected']:.3f}  "
+              f"{results[mode]['seconds_per_shot']:.2f} s/shot", flush=True)
     if args.out:
         from PIL import Image
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from storymem.toy.train_base import to_video  # noqa: E402
 from storymem.toy.world import ACCESSORIES, COLOURS, PATTERNS, SHAPES, Character, ClipSpec  # noqa: E402
 
 _CHOICES = {"shape": SHAPES, "colour": tuple(COLOURS), "pattern": PATTERNS, "accessory": ACCESSORIES}
@@ -114,11 +115,6 @@ def make_memory_cases(count: int, seed: int, frames: int, size: int) -> list[dic
     return cases
 
 
-def _video(frames_uint8: np.ndarray) -> torch.Tensor:
-    """uint8 [B, T, H, W, 3] -> float [B, 3, T, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(frames_uint8)).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1)
-
-
 class Prober:
     """The base's pieces, and one loss evaluation: fixed noise per case, every timestep of :data:`TIMESTEPS`."""
 
@@ -184,7 +180,7 @@ class Prober:
 def probe_cut(prober: Prober, cases: list[dict]) -> dict:
     from storymem.toy.train_base import latent_character_mask
 
-    video = _video(np.stack([c["video"] for c in cases]))
+    video = to_video(np.stack([c["video"] for c in cases]))
     true_latents = prober.latents(video)
     weights = latent_character_mask(video, prober.temporal, prober.spatial).to(prober.device)
     frames = torch.arange(true_latents.shape[2], device=prober.device)
@@ -196,7 +192,7 @@ def probe_cut(prober: Prober, cases: list[dict]) -> dict:
     true_condition = prober.first_frame_condition(video)
     losses = {"seen": prober.cell_losses(true_latents, true_condition, 1, same, weights)}
     for name in cases[0]["swapped"]:
-        swapped = _video(np.stack([c["swapped"][name] for c in cases]))
+        swapped = to_video(np.stack([c["swapped"][name] for c in cases]))
         # The stand-in before the cut, the very same latents after it (a causal VAE would carry the frames
         # before the cut into the latents after it).
         latents = torch.where(after, true_latents, prober.latents(swapped))
@@ -209,12 +205,12 @@ def probe_memory(prober: Prober, cases: list[dict]) -> dict:
     from storymem.conditioning import encode_memory_frames
     from storymem.toy.train_base import latent_character_mask
 
-    video = _video(np.stack([c["video"] for c in cases]))
+    video = to_video(np.stack([c["video"] for c in cases]))
     latents = prober.latents(video)
     weights = latent_character_mask(video, prober.temporal, prober.spatial).to(prober.device)
 
     def memory(key):
-        return torch.cat([encode_memory_frames(prober.pipe.vae, _video(c["memory"][key][None])[0]
+        return torch.cat([encode_memory_frames(prober.pipe.vae, to_video(c["memory"][key][None])[0]
                                                .permute(1, 0, 2, 3).to(prober.device)) for c in cases]).float()
 
     condition = prober.empty_condition(len(cases), video.shape[2], video.shape[-1])

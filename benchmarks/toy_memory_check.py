@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from storymem.toy.detector import ATTRIBUTES, IdentityDetector  # noqa: E402
+from storymem.toy.checks import DetectionTally, sample_shot  # noqa: E402
+from storymem.toy.detector import IdentityDetector  # noqa: E402
 from storymem.toy.world import Character, ClipSpec  # noqa: E402
 
 CONDITIONS = ("named", "same", "same+memory", "same+scene-memory", "same+first-frame", "named+other-memory")
@@ -121,40 +121,21 @@ def main(argv=None):
     cases = make_cases(args.count, args.seed, args.frames, args.size)
     results, sheets = {}, []
     for condition in conditions:
-        hits = {a: 0 for a in ATTRIBUTES}
-        whole, remembered, found, seconds = 0, 0, 0, 0.0
+        tally = DetectionTally()
         rows = []
         for i, case in enumerate(cases):
             prompt, kwargs, memory_character = shot_inputs(condition, case, args.frames)
-            generator = torch.Generator("cpu").manual_seed(args.seed + i)
-            start = time.perf_counter()
-            frames = pipe(prompt=prompt, negative_prompt="", height=args.size, width=args.size,
-                          num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                          generator=generator, output_type="np", **kwargs).frames[0]
-            seconds += time.perf_counter() - start
-            video = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
-            detection = detector.identify(video)
-            if detection is not None:
-                found += 1
-                whole += detection.character.key == case["character"].key
-                for a in ATTRIBUTES:
-                    hits[a] += getattr(detection.character, a) == getattr(case["character"], a)
-                if memory_character is not None:
-                    remembered += detection.character.key == memory_character.key
+            video, seconds = sample_shot(pipe, prompt, args.size, args.frames, args.steps, args.guidance,
+                                         args.seed + i, **kwargs)
+            tally.add(detector.identify(video), case["character"], seconds, remembered=memory_character)
             if i < 6:
                 first = kwargs.get("memory_images", [kwargs.get("first_frame")])[0]
                 first = np.zeros_like(video[0]) if first is None else np.asarray(first)
                 picks = [min(j, len(video) - 1) for j in MEMORY_FRAMES]
                 rows.append(np.concatenate([first, *video[picks]], axis=1))
-        n = len(cases)
-        results[condition] = {"identity": whole / n, **{a: hits[a] / n for a in ATTRIBUTES},
-                              "memory": None if memory_character is None
-                              else remembered / n, "detected": found / n, "seconds_per_shot": seconds / n}
+        results[condition] = tally.results()
         sheets.append(np.concatenate(rows, axis=0))
-        memory = results[condition]["memory"]
-        print(f"{condition:20s} identity {whole / n:.3f}  " + "  ".join(f"{a} {hits[a] / n:.3f}" for a in ATTRIBUTES)
-              + (f"  drawn as the remembered character {memory:.3f}" if memory is not None else "")
-              + f"  {seconds / n:.2f} s/shot", flush=True)
+        print(f"{condition:20s} {tally.line()}  {results[condition]['seconds_per_shot']:.2f} s/shot", flush=True)
     if args.out:
         from PIL import Image
 

@@ -403,3 +403,25 @@ def test_loss_probe_conditions_differ_only_where_they_say(models, tmp_path, monk
     assert json.loads((out / "loss_probe.json").read_text())["results"] == json.loads(json.dumps(results))
     with pytest.raises(SystemExit):
         probe.main(["--base", str(models / "base"), "--probes", "cut,recall"])
+
+
+def test_detection_tally_counts_misses_as_wrong_and_reads_memory():
+    from storymem.toy.checks import DetectionTally
+    from storymem.toy.detector import Detection
+    from storymem.toy.world import Character
+
+    meant = Character("circle", "red", "plain", "none")
+    other = Character("square", "blue", "striped", "hat")
+    near = Character("circle", "red", "striped", "none")
+    tally = DetectionTally()
+    tally.add(Detection(meant, 1.0), meant, seconds=1.0, remembered=other)
+    tally.add(Detection(near, 1.0), meant, seconds=2.0, remembered=other)
+    tally.add(Detection(other, 1.0), meant, seconds=3.0, remembered=other)
+    tally.add(None, meant, seconds=2.0, remembered=other)
+    r = tally.results()
+    assert r["identity"] == 0.25 and r["shape"] == 0.5 and r["pattern"] == 0.25 and r["memory"] == 0.25
+    assert r["detected"] == 0.75 and r["seconds_per_shot"] == 2.0
+    assert tally.line().startswith("identity 0.250  shape 0.500") and "remembered character 0.250" in tally.line()
+    no_memory = DetectionTally()
+    no_memory.add(Detection(meant, 1.0), meant)
+    assert no_memory.results()["memory"] is None and "remembered" not in no_memory.line()

@@ -68,6 +68,7 @@ __all__ = [
     "latent_character_mask",
     "load_base_components",
     "render_training_clips",
+    "to_video",
     "train_base",
     "train_vae",
     "train_transformer",
@@ -280,8 +281,10 @@ def render_training_clips(count: int, num_frames: int, height: int, width: int, 
 _CHARACTER_MIN_VALUE = 0.33
 
 
-def _to_video(frames_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, T, H, W, 3] -> float [B, 3, T, H, W] in [-1, 1]."""
+def to_video(frames_uint8: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 [B, T, H, W, 3] (tensor or array) -> float [B, 3, T, H, W] in [-1, 1]."""
+    if isinstance(frames_uint8, np.ndarray):
+        frames_uint8 = torch.from_numpy(np.ascontiguousarray(frames_uint8))
     return frames_uint8.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
 
 
@@ -345,7 +348,7 @@ def train_vae(vae, clips: torch.Tensor, config: ToyBaseConfig, device, minutes: 
         _set_lr(optimizer, config.vae_lr, step, warmup, clock.progress(step))
         index = torch.randint(n, (config.vae_batch_size,), generator=generator)
         start = int(torch.randint(length - config.vae_window + 1, (1,), generator=generator))
-        video = _to_video(clips[index, start:start + config.vae_window].to(device, non_blocking=True))
+        video = to_video(clips[index, start:start + config.vae_window].to(device, non_blocking=True))
         with autocast, torch.set_grad_enabled(not config.vae_decoder_only):
             posterior = vae.encode(video).latent_dist
         with autocast:
@@ -385,7 +388,7 @@ def reconstruction_psnr(vae, clips: torch.Tensor, device, batch_size: int = 32) 
     """PSNR (dB) of the VAE's reconstructions of ``clips``: whole frames and character pixels only."""
     errors, weights = [], []
     for start in range(0, clips.shape[0], batch_size):
-        video = _to_video(clips[start:start + batch_size].to(device))
+        video = to_video(clips[start:start + batch_size].to(device))
         reconstruction = vae.decode(vae.encode(video).latent_dist.mode()).sample.float().clamp(-1, 1)
         errors.append(((reconstruction - video) / 2).square())
         weights.append(_character_weight(video, 1.0) - 1.0)
@@ -402,7 +405,7 @@ def set_latent_statistics(vae, clips: torch.Tensor, device, batch_size: int = 64
     config as ``latents_mean`` / ``latents_std`` (how Wan pipelines normalise latents)."""
     total, total_sq, count = 0.0, 0.0, 0
     for start in range(0, clips.shape[0], batch_size):
-        video = _to_video(clips[start:start + batch_size].to(device))
+        video = to_video(clips[start:start + batch_size].to(device))
         z = vae.encode(video.to(vae.dtype)).latent_dist.mode().float()
         total = total + z.sum(dim=(0, 2, 3, 4)).double()
         total_sq = total_sq + z.square().sum(dim=(0, 2, 3, 4)).double()
@@ -422,7 +425,7 @@ def encode_clips(vae, clips: torch.Tensor, device, batch_size: int = 64, out_dty
     _, length, height, width, _ = clips.shape
     latents, conditions = [], []
     for start in range(0, clips.shape[0], batch_size):
-        video = _to_video(clips[start:start + batch_size].to(device))
+        video = to_video(clips[start:start + batch_size].to(device))
         latents.append(normalize_latents(vae, vae.encode(video).latent_dist.mode().float()).to(out_dtype))
         conditions.append(encode_video_condition(vae, video[:, :, :1], length, height, width,
                                                  batch_size=video.shape[0], device=device).to(out_dtype))
