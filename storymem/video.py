@@ -19,6 +19,14 @@ import numpy as np
 
 from .atomic import atomic_path
 
+# imageio-ffmpeg starts ffmpeg with a preexec_fn (to keep Ctrl-C away from it), which makes Python fork the whole
+# process instead of vfork-ing it. Forking copies the page tables of everything the process holds: with models
+# loaded (tens of GB when rendering, a GPU context when preparing) every read or write of a short video then
+# costs a large multiple of the decoding itself (benchmarks/bench_prepare.py --ballast-gb). Without it, Ctrl-C
+# also reaches ffmpeg, which stops with the run; writers are atomic, so nothing half-written is kept. Setting
+# the variable to 0 beforehand keeps imageio-ffmpeg's default.
+os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+
 __all__ = ["VideoError", "VideoInfo", "concat_videos", "probe_video", "read_video", "write_video"]
 
 

@@ -156,6 +156,30 @@ def test_manifest_groups_time_ranges_and_cluster_of_one(clips_dir, tmp_path):
     assert index["clips"][1]["start"] == 0.1 and index["contexts"] == []
 
 
+def test_scan_embeds_clips_in_batches_with_the_same_result(clips_dir, tmp_path, monkeypatch):
+    import storymem.training.cache as cache
+    from storymem.memory import PixelEmbedder
+    from storymem.training import PrepareConfig, prepare_dataset
+
+    results, forwards = [], []
+    for batch in (1, 4):
+        monkeypatch.setattr(cache, "EMBED_BATCH_CLIPS", batch)
+        embedder = PixelEmbedder()
+        summary = prepare_dataset(PrepareConfig(output_dir=tmp_path / f"o{batch}", clips_dir=clips_dir, base="tiny",
+                                                height=SIZE, width=SIZE, num_frames=FRAMES, embedder="pixel",
+                                                cluster_size=3, contexts=(), cache_dtype="float32"),
+                                  embedder=embedder, progress=False)
+        index = json.loads((tmp_path / f"o{batch}" / "index.json").read_text())
+        results.append((index["clusters"], [c["source"] for c in index["clips"]],
+                        [s["sha256"] for s in index["shards"]]))
+        forwards.append(embedder.num_forwards)
+        assert 0 < summary.scan_seconds < summary.seconds and 0 < summary.encode_seconds < summary.seconds
+        assert "(scan " in summary.format()
+    assert results[0] == results[1]
+    assert sorted(len(members) for members in results[0][0]) == [3, 3]  # the red clips and the blue ones
+    assert forwards == [6, 2]  # six usable clips: one call each, or batches of four
+
+
 def _square_mask(k, n=14, h=40, w=48):
     """Where :func:`_clip` draws its square: white on black."""
     mask = np.zeros((n, h, w, 3), np.uint8)

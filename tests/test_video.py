@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -102,3 +106,31 @@ def test_concat_errors(tmp_path):
     with pytest.raises(VideoError, match="nope.mp4: video file not found"):
         concat_videos([a, tmp_path / "nope.mp4"], tmp_path / "out.mp4")
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_reads_start_ffmpeg_without_a_preexec_fn(tmp_path, monkeypatch):
+    # A preexec_fn makes Python fork the whole process (page tables of every loaded model) for each read.
+    from storymem.training.sources import read_clip
+
+    path = write_video(tmp_path / "clip.mp4", gradient_video(frames=8), fps=8)
+    seen = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        seen.append(kwargs.get("preexec_fn"))
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", recording_popen)
+    assert read_video(path)[0].shape == (8, 32, 48, 3)
+    assert read_clip(path, 0.0, 0.5)[0].shape[0] == 4
+    assert len(seen) == 2 and seen == [None, None]
+
+
+def test_an_explicit_ffmpeg_sigint_setting_is_kept():
+    code = "import os, storymem.video; print(os.environ['IMAGEIO_FFMPEG_NO_PREVENT_SIGINT'])"
+    for given, expected in (("0", "0"), (None, "1")):
+        env = {k: v for k, v in os.environ.items() if k != "IMAGEIO_FFMPEG_NO_PREVENT_SIGINT"}
+        if given is not None:
+            env["IMAGEIO_FFMPEG_NO_PREVENT_SIGINT"] = given
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected

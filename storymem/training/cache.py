@@ -77,6 +77,7 @@ INDEX_NAME = "index.json"
 SHARED_NAME = "shared.safetensors"
 # Cached video conditions, by name, and the number of leading frames each conditions on.
 CONTEXT_KINDS = {"mi2v": 1, "mm2v": 5}
+EMBED_BATCH_CLIPS = 64  # clips whose memory candidates are embedded in one call while scanning
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -152,13 +153,16 @@ class PrepareSummary:
     num_shards: int
     skipped: list[Skipped] = field(default_factory=list)
     seconds: float = 0.0
+    scan_seconds: float = 0.0  # pass 1: decode, check and embed every source
+    encode_seconds: float = 0.0  # pass 2: decode again and encode with the VAE and text encoder
 
     def skipped_counts(self) -> dict[str, int]:
         return dict(Counter(s.reason for s in self.skipped))
 
     def format(self) -> str:
         lines = [f"prepared {self.output_dir}: {self.num_clips} clips in {self.num_clusters} clusters "
-                 f"({self.num_shards} shards) from {self.num_sources} sources in {self.seconds:.1f}s"]
+                 f"({self.num_shards} shards) from {self.num_sources} sources in {self.seconds:.1f}s "
+                 f"(scan {self.scan_seconds:.1f}s, encode {self.encode_seconds:.1f}s)"]
         counts = self.skipped_counts()
         if counts:
             lines.append(f"skipped {len(self.skipped)}: " + ", ".join(f"{n} {r}" for r, n in sorted(counts.items())))
@@ -348,16 +352,34 @@ def prepare_dataset(config: PrepareConfig, embedder=None, progress: bool = True)
 
     # Pass 1: check every source, cut its clips, embed them. No VAE yet. Videos decode in threads (the decoder
     # is an ffmpeg subprocess); embedding stays here, in source order, so the result does not depend on them.
+    # It goes in batches of clips: one call per clip would keep this thread busy with small calls while the
+    # decoding threads wait for it, on many cores the slowest part of the pass.
     skipped: list[Skipped] = []
     clips: list[_Clip] = []
     positions = memory_candidate_positions(config.num_frames, config.memory_candidates)
     scanned = _ordered_map(lambda source: _scan_source(source, config, positions), sources, config.decode_workers)
+    to_embed: list[tuple[_Clip, np.ndarray]] = []
+
+    def embed_pending():
+        embeddings = embedder.embed(np.concatenate([c for _, c in to_embed])).float()
+        start = 0
+        for clip, candidates in to_embed:
+            part = embeddings[start:start + len(candidates)]
+            clip.embedding = torch.nn.functional.normalize(part.mean(0), dim=0)
+            start += len(candidates)
+        to_embed.clear()
+
     for source_clips, source_skipped in tqdm(scanned, total=len(sources), desc="scanning clips",
                                              disable=not progress):
         skipped.extend(source_skipped)
         for clip, candidates in source_clips:
-            clip.embedding = torch.nn.functional.normalize(embedder.embed(candidates).float().mean(0), dim=0)
             clips.append(clip)
+            to_embed.append((clip, candidates))
+            if len(to_embed) >= EMBED_BATCH_CLIPS:
+                embed_pending()
+    if to_embed:
+        embed_pending()
+    scan_seconds = time.time() - t_start
 
     # Clusters: given groups, or embedding similarity.
     if clips and clips[0].source.group is not None:
@@ -428,13 +450,17 @@ def prepare_dataset(config: PrepareConfig, embedder=None, progress: bool = True)
             runs.append([j])
 
     def load(run: list[int]):
+        """The window of each clip of one source, at the training size, with its subject cells (in the decoding
+        thread: resizing and pooling here leave the encoding thread free for the encoders)."""
         clip = kept[run[0]]
         try:
             video = read_clip(clip.source.path, clip.start, clip.end)[0]
             mask = None if clip.source.mask is None else read_clip(clip.source.mask, clip.start, clip.end)[0]
-            return video, mask
         except (ValueError, OSError, RuntimeError) as e:
             return DataError(f"{clip.name}: was readable while scanning but not now: {e}")
+        return [(j, resize_and_crop(video[kept[j].frame_indices], H, W),
+                 None if mask is None else _subject_cells(mask[kept[j].frame_indices], H, W, latent_shape))
+                for j in run]
 
     bar = tqdm(total=len(kept), desc="encoding clips", disable=not progress)
     pending: list[tuple[int, np.ndarray, Optional[torch.Tensor]]] = []
@@ -458,19 +484,19 @@ def prepare_dataset(config: PrepareConfig, embedder=None, progress: bool = True)
         bar.update(len(pending))
         pending.clear()
 
-    for run, loaded in zip(runs, _ordered_map(load, runs, config.decode_workers)):
+    encode_start = time.time()
+    for loaded in _ordered_map(load, runs, config.decode_workers):
         if isinstance(loaded, DataError):
             raise loaded
-        video, mask = loaded
-        for j in run:
-            cells = None if mask is None else _subject_cells(mask[kept[j].frame_indices], H, W, latent_shape)
-            pending.append((j, resize_and_crop(video[kept[j].frame_indices], H, W), cells))
+        for item in loaded:
+            pending.append(item)
             if len(pending) >= config.encode_batch_size:
                 encode_pending()
     if pending:
         encode_pending()
     bar.close()
     flush()
+    encode_seconds = time.time() - encode_start
 
     text_dim = int(empty.shape[-1]) if empty.numel() else int(pipe.text_encoder.config.d_model)
     index = {
@@ -497,7 +523,7 @@ def prepare_dataset(config: PrepareConfig, embedder=None, progress: bool = True)
     atomic_write_json(out / INDEX_NAME, index)
     return PrepareSummary(output_dir=out, num_sources=len(sources), num_clips=len(kept),
                           num_clusters=len(cluster_lists), num_shards=len(shard_entries), skipped=skipped,
-                          seconds=time.time() - t_start)
+                          seconds=time.time() - t_start, scan_seconds=scan_seconds, encode_seconds=encode_seconds)
 
 
 def _jsonable(obj):
