@@ -23,7 +23,8 @@ from pathlib import Path
 
 def _add_prepare_args(p: argparse.ArgumentParser):
     src = p.add_argument_group("clips")
-    src.add_argument("--clips", type=Path, help="folder of videos with sidecar captions (<name>.txt)")
+    src.add_argument("--clips", type=Path, help="folder of videos with sidecar captions (<name>.txt) and, "
+                     "optionally, subject masks (<name>.mask.mp4)")
     src.add_argument("--manifest", type=Path,
                      help='JSONL manifest: {"file", "caption"[, "start", "end" (s), "group"]} per line')
     src.add_argument("--caption-ext", default=".txt", help="sidecar caption extension (default .txt)")

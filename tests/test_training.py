@@ -156,6 +156,31 @@ def test_manifest_groups_time_ranges_and_cluster_of_one(clips_dir, tmp_path):
     assert index["clips"][1]["start"] == 0.1 and index["contexts"] == []
 
 
+def test_folder_mode_pairs_mask_sidecars(tmp_path):
+    from storymem.training import PrepareConfig, prepare_dataset
+    from storymem.training.sources import discover_sources
+
+    clips = tmp_path / "clips"
+    for k in range(3):
+        write_video(clips / f"red.{k}.mp4", _clip(COLOURS["red"], k), fps=16)
+        (clips / f"red.{k}.txt").write_text("a red square")
+        write_video(clips / f"red.{k}.mask.mp4", _square_mask(k), fps=16)
+    sources = discover_sources(clips)
+    # Mask videos are not clips; each pairs with the clip of its name (dots in the name too).
+    assert [s.path.name for s in sources] == ["red.0.mp4", "red.1.mp4", "red.2.mp4"]
+    assert [s.mask.name for s in sources] == ["red.0.mask.mp4", "red.1.mask.mp4", "red.2.mask.mp4"]
+    summary = prepare_dataset(PrepareConfig(output_dir=tmp_path / "o", clips_dir=clips, base="tiny", height=SIZE,
+                                            width=SIZE, num_frames=FRAMES, embedder="pixel", cluster_size=3,
+                                            contexts=(), cache_dtype="float32"), progress=False)
+    assert summary.num_clips == 3 and not summary.skipped
+    data = PreparedDataset(tmp_path / "o")
+    assert data.has_subject_masks and all(0 < data.tensor(i, "subject").mean() < 1 for i in range(3))
+
+    (clips / "red.2.mask.mp4").unlink()
+    with pytest.raises(DataError, match=r"2 of 3 clips have a mask video.*red\.2\.mp4"):
+        discover_sources(clips)
+
+
 def test_scan_embeds_clips_in_batches_with_the_same_result(clips_dir, tmp_path, monkeypatch):
     import storymem.training.cache as cache
     from storymem.memory import PixelEmbedder

@@ -1,7 +1,7 @@
 """Training clips from a folder of videos: discovery, captions, shot splitting, and frame preparation.
 
-Captions come from a sidecar text file next to each video (``clip.mp4`` + ``clip.txt``) or from a JSONL
-manifest, one object per line::
+Captions come from a sidecar text file next to each video (``clip.mp4`` + ``clip.txt``; a subject mask, if any,
+is the sidecar video ``clip.mask.mp4``) or from a JSONL manifest, one object per line::
 
     {"file": "clips/a.mp4", "caption": "a red circle walks into the desert"}
     {"file": "long.mp4", "caption": "...", "start": 3.0, "end": 8.5, "group": "episode-1"}
@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+MASK_SUFFIX = ".mask"  # folder mode: ``clip.mask.mp4`` is the subject mask of ``clip.mp4``, not a clip
 
 
 @dataclass
@@ -137,8 +138,10 @@ def discover_sources(clips_dir=None, manifest=None, caption_ext: str = ".txt") -
     """List the videos to prepare.
 
     With a ``manifest`` (JSONL), its entries; otherwise every video under ``clips_dir`` (recursively, sorted)
-    with the caption read from the sidecar ``<stem><caption_ext>``. A missing caption is kept as ``None`` (the
-    preparation skips and counts it); a malformed manifest raises :class:`DataError` naming the line.
+    with the caption read from the sidecar ``<stem><caption_ext>`` and the subject mask from the sidecar video
+    ``<stem>.mask.<ext>`` (any video extension), on every clip or on none. A missing caption is kept as ``None``
+    (the preparation skips and counts it); a malformed manifest, or masks on some clips only, raises
+    :class:`DataError` naming the line or the clip.
     """
     if manifest is not None:
         return _manifest_sources(Path(manifest))
@@ -147,9 +150,18 @@ def discover_sources(clips_dir=None, manifest=None, caption_ext: str = ".txt") -
     clips_dir = Path(clips_dir)
     if not clips_dir.is_dir():
         raise DataError(f"{clips_dir}: clips folder not found")
-    videos = sorted(p for p in clips_dir.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
-                    and not p.name.startswith("."))
-    return [ClipSource(path=p, caption=_read_caption(p.with_suffix(caption_ext)), where=str(p)) for p in videos]
+    found = sorted(p for p in clips_dir.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
+                   and not p.name.startswith("."))
+    masks = {p.with_suffix("").with_suffix(""): p for p in found if p.stem.endswith(MASK_SUFFIX)}
+    videos = [p for p in found if not p.stem.endswith(MASK_SUFFIX)]
+    sources = [ClipSource(path=p, caption=_read_caption(p.with_suffix(caption_ext)), where=str(p),
+                          mask=masks.get(p.with_suffix(""))) for p in videos]
+    with_mask = [s for s in sources if s.mask is not None]
+    if with_mask and len(with_mask) < len(sources):
+        lacking = next(s for s in sources if s.mask is None)
+        raise DataError(f"{clips_dir}: {len(with_mask)} of {len(sources)} clips have a mask video "
+                        f"(<name>{MASK_SUFFIX}.mp4); give one for every clip or none, e.g. for {lacking.path}")
+    return sources
 
 
 # ---------------------------------------------------------------------------------------------- shots

@@ -296,7 +296,8 @@ def train(config: TrainConfig) -> TrainResult:
                         f"which was not prepared (have {data.contexts}); re-run prepare with --contexts {context}")
     if config.subject_loss_weight != 1.0 and not data.has_subject_masks:
         raise DataError(f"{data.root}: --subject-loss-weight needs subject masks, and this dataset was prepared "
-                        "without them; give each manifest entry a 'mask' video and re-run prepare")
+                        "without them; give each clip a mask video (a manifest's 'mask', or <name>.mask.mp4 beside "
+                        "it in a folder) and re-run prepare")
     if data.base and data.base != base_identity(config.base):
         logger.warning("%s was prepared with base %s, training on %s: latents and text embeddings must come from "
                        "the same VAE and text encoder", data.root, data.base, base_identity(config.base))
