@@ -7,8 +7,10 @@
 # Stages, in order: stories vae base [refine continue decoder assemble] clips prepare lora experiment.
 # Environment: DEVICE (cuda), WORKERS (16), VAE_MINUTES (5), VAE2_MINUTES (2.5), BASE_MINUTES (4),
 # REFINE_VAE_MINUTES (2.7), REFINE_MINUTES (4.6), CONTINUE_MINUTES (7.5), CONTINUE_SEED (3), CONTINUE_BATCH (128),
-# CONTINUE_LR (3e-4), CONTINUE_WARMUP (200), CONTINUE_CUT_PROB (unset: single shots; p: a share of the round's clips
-# cut once to the same character elsewhere, see storymem.toy.train_base.cut_clip), CONTINUE_CUT_CAPTIONS
+# CONTINUE_LR (3e-4), CONTINUE_WARMUP (200), CONTINUE_GPUS (1; N: torchrun, N processes, each rendering its own
+# clips with WORKERS processes and drawing CONTINUE_BATCH of them a step), CONTINUE_CUT_PROB (unset: single shots;
+# p: a share of the round's clips cut once to the same character elsewhere, see
+# storymem.toy.train_base.cut_clip), CONTINUE_CUT_CAPTIONS
 # (probabilities of the caption modes first,named,returns,same before a cut; default 0.1,0.05,0.1,0.75),
 # DECODER_MINUTES (6.5),
 # LORA_MINUTES (4), LORA_BATCH (16), LORA_WORKERS (2),
@@ -70,7 +72,11 @@ make_story_set('$RUN/stories', count=20, seed=2026, num_shots=6, max_shots=8)" ;
         --steps 100000 --batch-size 128 --lr 4e-4 --warmup-steps 200 --minutes "${REFINE_MINUTES:-4.6}" ;;
     continue)  # text encoder and transformer only, on fresh clips (another seed each round); the VAE is kept
       seed=${CONTINUE_SEED:-3}
-      $PY -m storymem.toy.train_base --out "$RUN/continue_run_$seed" --init "$(latest_base)" \
+      launch="$PY -m storymem.toy.train_base"
+      if [ "${CONTINUE_GPUS:-1}" -gt 1 ]; then  # data-parallel: each process its own GPU, clips and batch
+        launch="$PY -m torch.distributed.run --standalone --nproc-per-node $CONTINUE_GPUS -m storymem.toy.train_base"
+      fi
+      $launch --out "$RUN/continue_run_$seed" --init "$(latest_base)" \
         --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" --num-clips 16000 --seed "$seed" \
         --steps 100000 --batch-size "${CONTINUE_BATCH:-128}" --lr "${CONTINUE_LR:-3e-4}" \
         --warmup-steps "${CONTINUE_WARMUP:-200}" --minutes "${CONTINUE_MINUTES:-7.5}" \

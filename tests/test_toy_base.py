@@ -163,3 +163,62 @@ def test_continuing_from_a_base_keeps_its_vae_or_trains_only_its_decoder(tmp_pat
     video = torch.tensor([[0.9, 0.1, 0.1], [0.45, 0.05, 0.05], [0.25, 0.2, 0.2], [0.2, 0.02, 0.02]])
     weight = _character_weight(video.T.reshape(1, 3, 1, 1, 4) * 2 - 1, 1.0).flatten().tolist()
     assert weight == [2.0, 2.0, 1.0, 1.0]
+
+
+def _torchrun(args, tmp_path, timeout=240):
+    """Two CPU processes (gloo) under torchrun, importing this checkout's storymem."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import storymem
+
+    root = str(Path(storymem.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
+
+
+def test_processes_share_start_weights_average_gradients_and_agree_on_the_clock(tmp_path):
+    script = tmp_path / "sync.py"
+    script.write_text(
+        "import json, torch, torch.distributed as dist\n"
+        "from storymem.toy.train_base import init_processes\n"
+        "processes, device = init_processes('cpu')\n"
+        "r = processes.rank\n"
+        "p, q = torch.nn.Parameter(torch.full((3,), r + 5.0)), torch.nn.Parameter(torch.zeros(2, 2))\n"
+        "processes.broadcast([p, q])\n"
+        "p.grad = torch.full((3,), r + 1.0)  # q has no gradient on either process\n"
+        "processes.average_gradients([p, q])\n"
+        "row = [r, processes.world, p.data.tolist(), p.grad.tolist(), q.grad.tolist(),\n"
+        "       processes.agree(0.25 + r, device)]\n"
+        "open(f'rank{r}.json', 'w').write(json.dumps(row))\n"
+        "dist.destroy_process_group()\n")
+    out = _torchrun([str(script)], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [row[0] for row in rows] == [0, 1]
+    for _, world, weights, grad, zero_grad, progress in rows:
+        assert world == 2 and weights == [5.0] * 3  # rank 0's start
+        assert grad == [1.5] * 3 and zero_grad == [[0.0, 0.0], [0.0, 0.0]] and progress == 1.25
+
+
+def test_a_data_parallel_continuation_trains_and_rank_0_saves(tmp_path):
+    from storymem.toy.train_base import Processes, load_base_components
+
+    train_base(ToyBaseConfig(**{**TINY, "steps": 2}), tmp_path / "a", device="cpu")
+    # The VAE trains in one process: a multi-process run that would train it is refused before any work.
+    with pytest.raises(ValueError, match="2 processes trains the text encoder and transformer only"):
+        train_base(ToyBaseConfig(**TINY), tmp_path / "x", device="cpu", processes=Processes(rank=0, world=2))
+    assert not (tmp_path / "x").exists()
+
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "steps": 3}.items()]
+    out = _torchrun(["-m", "storymem.toy.train_base", "--out", str(tmp_path / "b"), "--init",
+                     str(tmp_path / "a" / "base"), "--device", "cpu", *flags], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "b" / "train_base_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["transformer"]["steps"] == 3
+    before = load_base_components(tmp_path / "a" / "base")["transformer"].state_dict()
+    after = load_base_components(tmp_path / "b" / "base")["transformer"].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -37,6 +37,16 @@ The VAE learns frames in two phases: short windows (the first frame and one caus
 the spatial code; whole clips then teach the steady state of the causal temporal cache, which short windows
 never reach (a VAE trained on 5-frame windows alone reconstructs frames 0-4 at 25-27 dB and frames 9-16 at
 7-10 dB). Stages resume: a finished VAE in ``OUT/stages/vae`` is reused unless ``--retrain-vae``.
+
+Continuations run data-parallel over several GPUs under torchrun (the text encoder and transformer; the VAE
+trains in one process)::
+
+    torchrun --nproc-per-node 4 -m storymem.toy.train_base --out runs/more --init runs/base/base --seed 3 \
+        --minutes 7.5 --batch-size 256
+
+Each process renders ``--num-clips`` clips of its own (rank 0 from ``--seed``, rank r from ``seed * 1000 + r``)
+and draws ``--batch-size`` of them a step; gradients are averaged, so a step sees N times the batch. The
+learning-rate schedule follows the slowest process's clock, and rank 0 saves.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -327,6 +338,65 @@ def _set_lr(optimizer, base_lr: float, step: int, warmup: int, progress: float) 
     return base_lr * factor
 
 
+# ---------------------------------------------------------------------------------------------- processes
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a data-parallel run (``torchrun``); rank 0 of 1 when it runs alone."""
+
+    rank: int = 0
+    world: int = 1
+
+    def broadcast(self, params: Sequence[torch.Tensor]) -> None:
+        """Every process starts from rank 0's weights."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            for p in params:
+                dist.broadcast(p.data, src=0)
+
+    def average_gradients(self, params: Sequence[torch.Tensor]) -> None:
+        """Replace each gradient with its mean over the processes (one flat all-reduce)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def agree(self, value: float, device) -> float:
+        """The largest ``value`` over the processes: where a time limit is concerned, the slowest clock."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+
+def init_processes(device: str) -> tuple[Processes, str]:
+    """Join the process group that ``torchrun`` describes (WORLD_SIZE > 1), each process on its own GPU
+    (``cuda:LOCAL_RANK``; gloo on the CPU). Returns the run's :class:`Processes` and this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Processes(), device
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Processes(dist.get_rank(), dist.get_world_size()), device
+
+
 # ---------------------------------------------------------------------------------------------- VAE
 def train_vae(vae, clips: torch.Tensor, config: ToyBaseConfig, device, minutes: Optional[float] = None,
               log_every: int = 100, generator: Optional[torch.Generator] = None) -> list[float]:
@@ -451,11 +521,13 @@ def tokenize(tokenizer, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Te
 def train_transformer(components: dict, latents: torch.Tensor, i2v_conditions: torch.Tensor,
                       m2v_condition: torch.Tensor, captions: Sequence[str], config: ToyBaseConfig, device,
                       minutes: Optional[float] = None, log_every: int = 200,
-                      generator: Optional[torch.Generator] = None) -> list[float]:
-    """Train the transformer and the text encoder in place (then load their EMA weights). Returns the losses.
+                      generator: Optional[torch.Generator] = None,
+                      processes: Processes = Processes()) -> list[float]:
+    """Train the transformer and the text encoder in place (then load their EMA weights). Returns the losses
+    (this process's).
 
     ``latents`` / ``i2v_conditions``: normalised ``[N, z, f, h, w]`` on ``device``; ``m2v_condition``:
-    ``[1, z, f, h, w]``.
+    ``[1, z, f, h, w]``. Under several ``processes`` each trains on its own clips and gradients are averaged.
     """
     from diffusers.training_utils import EMAModel
 
@@ -472,16 +544,18 @@ def train_transformer(components: dict, latents: torch.Tensor, i2v_conditions: t
     empty_ids, empty_mask = empty_ids[:, :used].to(device), empty_mask[:, :used].to(device)
 
     params = list(transformer.parameters()) + list(text_encoder.parameters())
+    processes.broadcast(params)
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema = EMAModel(params, decay=config.ema_decay)
-    generator = generator or torch.Generator().manual_seed(config.seed + 1)
+    generator = generator or torch.Generator().manual_seed(config.seed + 1 + 7919 * processes.rank)
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                               enabled=torch.device(device).type == "cuda")
     n, f = latents.shape[0], latents.shape[2]
     empty_memory = latents.new_zeros(config.batch_size, latents.shape[1], 0, *latents.shape[3:]).float()
     clock, losses = _Clock(config.steps, minutes), []
+    progress = processes.agree(clock.progress(0), device)
     for step in range(config.steps):
-        lr = _set_lr(optimizer, config.lr, step, config.warmup_steps, clock.progress(step))
+        lr = _set_lr(optimizer, config.lr, step, config.warmup_steps, progress)
         index = torch.randint(n, (config.batch_size,), generator=generator)
         i2v = bool(torch.rand((), generator=generator) < config.i2v_prob)
         dropped = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
@@ -504,14 +578,17 @@ def train_transformer(components: dict, latents: torch.Tensor, i2v_conditions: t
                                          weight_dtype=torch.float32, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        processes.average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         ema.step(params)
         losses.append(float(loss.detach()))
-        if log_every and (step % log_every == 0 or step == config.steps - 1):
+        if log_every and processes.rank == 0 and (step % log_every == 0 or step == config.steps - 1):
             logger.info("transformer step %d loss %.4f lr %.2e (%.0f s)", step, float(np.mean(losses[-log_every:])),
                         lr, clock.elapsed())
-        if clock.out(step + 1):
+        # One agreed progress for the next step's learning rate and for stopping: every process stops together.
+        progress = processes.agree(clock.progress(step + 1), device)
+        if progress >= 1.0:
             if step + 1 < config.steps:
                 logger.info("transformer: time limit reached after %d steps", step + 1)
             break
@@ -540,23 +617,31 @@ def save_base(components: dict, out_dir: Path, dtype: torch.dtype = torch.float1
 def train_base(config: ToyBaseConfig, out_dir, device: str = "cpu", workers: int = 1,
                vae_minutes: Optional[float] = None, minutes: Optional[float] = None,
                retrain_vae: bool = False, vae_init: Optional[str] = None, vae_only: bool = False,
-               init: Optional[str] = None) -> dict:
+               init: Optional[str] = None, processes: Processes = Processes()) -> dict:
     """The whole recipe: render clips, train (or reuse) the VAE, encode, train the transformer, save.
 
     ``vae_init``: a VAE folder to start VAE training from (e.g. one trained on shorter windows).
     ``init``: a base folder (``OUT/base`` of an earlier run) to continue from: its text encoder and transformer
     are trained further, and its VAE is kept as it is unless ``retrain_vae`` (then it is where VAE training
-    starts). The clips come from ``config.seed``, so a continuation with another seed sees new clips."""
+    starts). The clips come from ``config.seed``, so a continuation with another seed sees new clips.
+    ``processes`` (see :func:`init_processes`): a data-parallel continuation; only rank 0 writes."""
     from diffusers import AutoencoderKLWan
 
     from ..conditioning import encode_video_condition
 
     config.validate()
     out_dir = Path(out_dir)
+    vae_dir = out_dir / "stages" / "vae"
+    trains_vae = retrain_vae or vae_only or (init is None and not (vae_dir / "config.json").is_file())
+    if processes.world > 1 and trains_vae:
+        raise ValueError(f"{out_dir}: a run of {processes.world} processes trains the text encoder and transformer "
+                         "only; train the VAE in one process, then continue with --init (without --retrain-vae "
+                         "or --vae-only)")
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
+    clip_seed = config.seed if processes.rank == 0 else config.seed * 1000 + processes.rank
     frames, captions, identities = render_training_clips(
-        config.num_clips, config.num_frames, config.height, config.width, seed=config.seed, exclude=config.exclude,
+        config.num_clips, config.num_frames, config.height, config.width, seed=clip_seed, exclude=config.exclude,
         mode_probs=config.caption_mode_probs, workers=workers, cut_prob=config.cut_prob,
         cut_mode_probs=config.cut_caption_mode_probs)
     clips = torch.from_numpy(frames)
@@ -572,9 +657,10 @@ def train_base(config: ToyBaseConfig, out_dir, device: str = "cpu", workers: int
         if vae_init is None and retrain_vae:
             vae_init = str(Path(init) / "vae")
 
-    vae_dir = out_dir / "stages" / "vae"
     summary = {"config": dataclasses.asdict(config), "clips": len(captions),
                "identities": len(set(identities)), **summary_init}
+    if processes.world > 1:
+        summary["processes"] = processes.world  # clips and identities: rank 0's
     if vae_init is not None and retrain_vae is False and (vae_dir / "config.json").is_file():
         raise ValueError(f"{vae_dir} already holds a trained VAE; pass retrain_vae=True to train from {vae_init}")
     if (vae_dir / "config.json").is_file() and not retrain_vae:
@@ -612,10 +698,13 @@ def train_base(config: ToyBaseConfig, out_dir, device: str = "cpu", workers: int
     del clips, frames
 
     t = time.perf_counter()
-    losses = train_transformer(components, latents, i2v_conditions, m2v, captions, config, device, minutes=minutes)
+    losses = train_transformer(components, latents, i2v_conditions, m2v, captions, config, device, minutes=minutes,
+                               processes=processes)
     summary["transformer"] = {"steps": len(losses), "seconds": round(time.perf_counter() - t, 1),
                               "loss_first100": float(np.mean(losses[:100])),
                               "loss_last500": float(np.mean(losses[-500:]))}
+    if processes.rank != 0:
+        return summary
     components["vae"] = vae.to("cpu")
     save_base(components, out_dir / "base")
     summary["seconds"] = round(time.perf_counter() - t0, 1)
@@ -673,10 +762,18 @@ def main(argv=None):
     config = ToyBaseConfig(**overrides)
     if args.exclude_stories:
         config.exclude = story_identities(args.exclude_stories)
-    summary = train_base(config, args.out, device=args.device, workers=args.workers, vae_minutes=args.vae_minutes,
-                         minutes=args.minutes, retrain_vae=args.retrain_vae, vae_init=args.vae_init,
-                         vae_only=args.vae_only, init=args.init)
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+    processes, device = init_processes(args.device)
+    try:
+        summary = train_base(config, args.out, device=device, workers=args.workers, vae_minutes=args.vae_minutes,
+                             minutes=args.minutes, retrain_vae=args.retrain_vae, vae_init=args.vae_init,
+                             vae_only=args.vae_only, init=args.init, processes=processes)
+    finally:
+        if processes.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if processes.rank == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
 
 
 if __name__ == "__main__":
