@@ -2,7 +2,7 @@
 judged by the toy world's identity detector.
 
     python benchmarks/toy_memory_check.py --base storymem/toy/weights/base --adapter storymem/toy/weights/adapter \
-        [--count 32] [--steps 8] [--conditions ...] [--device cpu] [--out check]
+        [--count 32] [--steps 8] [--memory-guidance 1] [--conditions ...] [--device cpu] [--out check]
 
 Each character gets a target clip (scene, motion) and a memory clip of the same character in another scene;
 memory is frames 0, 8 and 16 of the memory clip (what keyframe selection keeps of a shot). Conditions:
@@ -98,6 +98,8 @@ def main(argv=None):
     ap.add_argument("--count", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--guidance", type=float, default=3.5)
+    ap.add_argument("--memory-guidance", type=float, default=1.0,
+                    help="the pipeline's memory_guidance_scale for shots with memory (1 = off)")
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
@@ -125,6 +127,8 @@ def main(argv=None):
         rows = []
         for i, case in enumerate(cases):
             prompt, kwargs, memory_character = shot_inputs(condition, case, args.frames)
+            if "memory_images" in kwargs:
+                kwargs["memory_guidance_scale"] = args.memory_guidance
             video, seconds = sample_shot(pipe, prompt, args.size, args.frames, args.steps, args.guidance,
                                          args.seed + i, **kwargs)
             tally.add(detector.identify(video), case["character"], seconds, remembered=memory_character)

@@ -160,7 +160,8 @@ class StoryMemPipeline(WanImageToVideoPipeline):
     # ------------------------------------------------------------------ checks
     def check_memory_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                             num_frames, memory_images, memory_latents, first_frame, motion_frames,
-                            memory_rope, callback_on_step_end_tensor_inputs, guidance_scale_2):
+                            memory_rope, callback_on_step_end_tensor_inputs, guidance_scale_2,
+                            memory_guidance_scale=1.0):
         if height % 16 != 0 or width % 16 != 0:
             raise ValueError(f"`height` and `width` have to be divisible by 16 but are {height} and {width}.")
         model = self.transformer if self.transformer is not None else self.transformer_2
@@ -182,6 +183,9 @@ class StoryMemPipeline(WanImageToVideoPipeline):
             raise ValueError("pass `memory_images` or `memory_latents`, not both")
         if memory_images is not None:
             _as_image_list(memory_images, "memory_images")  # type checks
+        if not isinstance(memory_guidance_scale, (int, float)) or not math.isfinite(memory_guidance_scale) \
+                or memory_guidance_scale < 0:
+            raise ValueError(f"`memory_guidance_scale` must be a number >= 0 (1 = off), got {memory_guidance_scale!r}")
         if memory_rope is not None and memory_rope not in ROPE_MODES:
             raise ValueError(f"`memory_rope` must be one of {ROPE_MODES}, got {memory_rope!r}")
         if callback_on_step_end_tensor_inputs is not None:
@@ -259,6 +263,7 @@ class StoryMemPipeline(WanImageToVideoPipeline):
         num_inference_steps: int = 40,
         guidance_scale: float = 3.5,
         guidance_scale_2: Optional[float] = None,
+        memory_guidance_scale: float = 1.0,
         num_videos_per_prompt: int = 1,
         generator: Union[torch.Generator, list[torch.Generator], None] = None,
         latents: Optional[torch.Tensor] = None,
@@ -283,6 +288,10 @@ class StoryMemPipeline(WanImageToVideoPipeline):
             first_frame: continue from this frame (MI2V); ``motion_frames``: continue from these (MM2V).
             memory_latents: precomputed normalised memory latents ``[1, 16, fm, h, w]`` instead of images.
             memory_rope: ``"negative"`` or ``"contiguous"``; default from the loaded adapter.
+            memory_guidance_scale: guidance towards memory, as ``guidance_scale`` is towards the text: the shot's
+                prediction moves by ``(memory_guidance_scale - 1) * (with memory - without memory)``, both with
+                the prompt. 1 (the default) is off; above 1 each step runs the model once more, without the
+                memory frames (a shorter sequence). Applies only when there is memory.
             drop_context_frames: drop the decoded frames that repeat ``first_frame``/``motion_frames`` (the
                 release does); the memory frames are always dropped.
             Other arguments as [`WanImageToVideoPipeline`]. The default negative prompt is Wan's.
@@ -295,7 +304,7 @@ class StoryMemPipeline(WanImageToVideoPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_memory_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                                  num_frames, memory_images, memory_latents, first_frame, motion_frames, memory_rope,
-                                 callback_on_step_end_tensor_inputs, guidance_scale_2)
+                                 callback_on_step_end_tensor_inputs, guidance_scale_2, memory_guidance_scale)
         if negative_prompt is None and negative_prompt_embeds is None:
             negative_prompt = WAN_NEGATIVE_PROMPT
         rope_mode = memory_rope or self.memory_rope
@@ -335,6 +344,7 @@ class StoryMemPipeline(WanImageToVideoPipeline):
         condition = self.prepare_memory_condition(memory_images, memory_latents, first_frame, motion_frames, batch,
                                                   height, width, num_frames, device)
         fm = condition.num_memory_frames
+        use_memory_guidance = fm > 0 and memory_guidance_scale != 1.0
         latents = self.prepare_noise(batch, self.vae.config.z_dim, condition.latents.shape[2], height, width,
                                      torch.float32, device, generator, latents)
         condition = condition.tensor
@@ -365,12 +375,24 @@ class StoryMemPipeline(WanImageToVideoPipeline):
                     noise_pred = current_model(hidden_states=latent_model_input, timestep=timestep,
                                                encoder_hidden_states=prompt_embeds, attention_kwargs=attention_kwargs,
                                                return_dict=False)[0]
+                noise_cond = noise_pred
                 if self.do_classifier_free_guidance:
                     with current_model.cache_context("uncond"):
                         noise_uncond = current_model(hidden_states=latent_model_input, timestep=timestep,
                                                      encoder_hidden_states=negative_prompt_embeds,
                                                      attention_kwargs=attention_kwargs, return_dict=False)[0]
                     noise_pred = noise_uncond + current_guidance_scale * (noise_pred - noise_uncond)
+                if use_memory_guidance:
+                    # The same shot without its memory frames: the memory part of the mask is all ones, so the
+                    # rest of the condition is exactly the memory-free one.
+                    with memory_layout([self.transformer, self.transformer_2], 0, rope_mode, rope_stride), \
+                            current_model.cache_context("cond_no_memory"):
+                        noise_no_memory = current_model(hidden_states=latent_model_input[:, :, fm:],
+                                                        timestep=timestep, encoder_hidden_states=prompt_embeds,
+                                                        attention_kwargs=attention_kwargs, return_dict=False)[0]
+                    shot_pred = noise_pred[:, :, fm:] + (memory_guidance_scale - 1.0) * (
+                        noise_cond[:, :, fm:] - noise_no_memory)
+                    noise_pred = torch.cat([noise_pred[:, :, :fm], shot_pred], dim=2)
 
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 

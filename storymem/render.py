@@ -135,6 +135,7 @@ class RenderOptions:
     steps: int = 40
     guidance: float = 3.5
     guidance_2: Optional[float] = None
+    memory_guidance: float = 1.0
     shift: float = 4.0
     negative_prompt: Optional[str] = None
     t2v_shift: float = T2V_DEFAULTS["shift"]
@@ -182,6 +183,8 @@ class RenderOptions:
             "guidance": self.guidance,
             "guidance_2": self.guidance_2 if self.guidance_2 is not None else self.guidance,
             "shift": self.shift,
+            # Only when set, so renders made before the option existed still resume.
+            **({"memory_guidance": self.memory_guidance} if self.memory_guidance != 1.0 else {}),
             "negative_prompt": self.negative_prompt,
             "t2v": None if not self.t2v_model else {
                 "shift": self.t2v_shift, "guidance": self.t2v_guidance, "guidance_2": self.t2v_guidance_2},
@@ -556,7 +559,7 @@ def _validate_options(options: RenderOptions, story) -> None:
         raise RenderError(f"--steps {o.steps}: must be >= 1")
     if o.fps <= 0:
         raise RenderError(f"--fps {o.fps}: must be > 0")
-    for name in ("guidance", "guidance_2", "t2v_guidance", "t2v_guidance_2"):
+    for name in ("guidance", "guidance_2", "memory_guidance", "t2v_guidance", "t2v_guidance_2"):
         value = getattr(o, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise RenderError(f"--{name.replace('_', '-')} {value}: must be a finite number >= 0")
@@ -874,6 +877,8 @@ class StoryRenderer:
                 if o.memory_source != "none":
                     entries = bank.entries()
                     kwargs["memory_images"] = [e.frame for e in entries]
+                    if o.memory_guidance != 1.0 and entries:
+                        kwargs["memory_guidance_scale"] = o.memory_guidance
                     if o.memory_rope:
                         kwargs["memory_rope"] = o.memory_rope
                 if mode == "mi2v":
@@ -1201,6 +1206,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help="denoising steps (default 40; toy 8)")
     g.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance (high-noise expert)")
     g.add_argument("--guidance-2", type=float, help="guidance of the low-noise expert (default: --guidance)")
+    g.add_argument("--memory-guidance", type=float, default=1.0,
+                   help="guidance towards the memory frames (1 = off; above 1 one more model call per step)")
     g.add_argument("--shift", type=float, help="UniPC flow shift (default 4.0; toy 3.0)")
     g.add_argument("--negative-prompt", help="default: Wan's negative prompt (toy: the empty prompt); pass '' "
                                              "for none")
@@ -1269,6 +1276,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[Any, RenderOptions]:
         steps=args.steps or (TOY_DEFAULTS["steps"] if toy else 40),
         guidance=args.guidance,
         guidance_2=args.guidance_2,
+        memory_guidance=args.memory_guidance,
         shift=args.shift if args.shift is not None else (TOY_DEFAULTS["shift"] if toy else 4.0),
         negative_prompt=args.negative_prompt if args.negative_prompt is not None else (
             TOY_DEFAULTS["negative_prompt"] if toy else None),

@@ -159,6 +159,38 @@ def test_callbacks_and_cpu_offload_api(tiny_pipe):
     assert "transformer_2" in StoryMemPipeline.model_cpu_offload_seq
 
 
+
+def test_memory_guidance_extrapolates_from_the_memory_free_prediction():
+    components = build_tiny_components(seed=0)
+    components.update(transformer_2=None, boundary_ratio=None)
+    pipe = StoryMemPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: calls.append((kw["hidden_states"].shape[2], m.rope.num_memory_frames)), with_kwargs=True)
+    memory = [_image(0), _image(1)]
+
+    def run(scale, **extra):
+        calls.clear()
+        return pipe(PROMPT, negative_prompt="blurry", height=H, width=W, num_frames=F, num_inference_steps=1,
+                    guidance_scale=3.5, memory_guidance_scale=scale, generator=torch.Generator().manual_seed(3),
+                    output_type="latent", **extra).frames
+
+    off = run(1.0, memory_images=memory)
+    assert calls == [(5, 2), (5, 2)]  # text and negative prompt, both with the 2 memory frames
+    one_more = run(2.0, memory_images=memory)
+    # One more call per step: the shot's 3 latent frames alone, with the stock (memory-free) positions.
+    assert calls == [(5, 2), (5, 2), (3, 0)]
+    assert pipe.transformer.rope.num_memory_frames == 0
+    two_more = run(3.0, memory_images=memory)
+    assert not torch.allclose(off, one_more)
+    # The step is affine in the prediction, and the prediction in the scale: equal steps of the scale move
+    # the result by equal amounts.
+    torch.testing.assert_close(two_more - one_more, one_more - off, rtol=1e-4, atol=1e-5)
+    # Without memory there is nothing to guide towards: the scale changes nothing and costs no call.
+    assert torch.equal(run(3.0), run(1.0))
+    assert calls == [(3, 0), (3, 0)]
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -172,6 +204,8 @@ def test_callbacks_and_cpu_offload_api(tiny_pipe):
         (dict(first_frame=np.zeros((32, 32, 3), np.uint8), motion_frames=[np.zeros((32, 32, 3), np.uint8)] * 5),
          "not both"),
         (dict(memory_rope="sideways"), "memory_rope"),
+        (dict(memory_guidance_scale=-1.0), "memory_guidance_scale"),
+        (dict(memory_guidance_scale=float("nan")), "memory_guidance_scale"),
     ],
 )
 def test_bad_input(tiny_pipe, kwargs, match):

@@ -495,12 +495,26 @@ def test_several_stories_share_one_pipeline(tmp_path, monkeypatch, spy):
     assert pipe.scheduler.config.flow_shift == 3.0
 
 
+
+def test_memory_guidance_reaches_shots_with_memory(tmp_path, spy):
+    out = tmp_path / "out"
+    story = _story(tmp_path, FOUR_CUTS, name="s.json")
+    assert main(_args(story, out, "--memory-guidance", "2.5")) == 0
+    # Shot 1 has no memory; every later shot is guided towards its memory.
+    assert [c["kwargs"].get("memory_guidance_scale") for c in spy] == [None, 2.5, 2.5, 2.5]
+    assert json.loads((out / "manifest.json").read_text())["settings"]["memory_guidance"] == 2.5
+    spy.clear()
+    assert main(_args(story, tmp_path / "off")) == 0
+    assert all("memory_guidance_scale" not in c["kwargs"] for c in spy)
+    assert "memory_guidance" not in json.loads((tmp_path / "off" / "manifest.json").read_text())["settings"]
+
 def test_bad_memory_options_are_render_errors(tmp_path):
     from storymem.story import load_story
 
     story = load_story(_story(tmp_path))
     for change, expected in ((dict(memory_source="sometimes"), "--memory-source"),
                              (dict(continuation="jump"), "--continuation"),
+                             (dict(memory_guidance=-2.0), "--memory-guidance"),
                              (dict(memory_source="none", reference_images=[_png(tmp_path / "r.png")]),
                               "without memory")):
         options = render.RenderOptions(out_dir=tmp_path / "out", base="tiny", device="cpu", **change)

@@ -215,6 +215,9 @@ def test_default_conditions_and_the_contiguous_rows(models, tmp_path):
     assert contiguous.lora == str((models / "contiguous").resolve()) and contiguous.memory_rope == "contiguous"
     assert not (tmp_path / "out").exists()  # planning writes no render folder
 
+    plan = experiment.plan_experiment(ExperimentConfig(**base, memory_guidance=2.0))
+    assert {name: jobs[0][1].options.memory_guidance for name, jobs in plan.jobs.items()}["m2v"] == 2.0
+
 
 # ---------------------------------------------------------------------------------------------- bad input
 BAD = {
@@ -224,6 +227,7 @@ BAD = {
     "memory row without an adapter": (["--conditions", "independent,no_sink"], "--adapter"),
     "missing adapter folder": (["--adapter", "ADAPTER_MISSING"], "adapter folder not found"),
     "frames not 4n+1": (["--conditions", "independent", "--frames", "6"], "--frames 6"),
+    "negative memory guidance": (["--conditions", "independent", "--memory-guidance", "-1"], "--memory-guidance"),
 }
 
 

@@ -162,6 +162,7 @@ class ExperimentConfig:
     frames: int = 17
     steps: int = 8
     guidance: float = 3.5
+    memory_guidance: float = 1.0
     shift: Optional[float] = None
     render_seed: int = 0
     count: int = 20
@@ -379,8 +380,8 @@ def render_options(config: ExperimentConfig, condition: Condition, out_dir: Path
     adapter = adapters[condition.adapter]["path"] if condition.adapter else None
     options = RenderOptions(
         out_dir=out_dir, base=config.base, lora=adapter, dtype=config.dtype, height=height, width=width,
-        area=config.area, frames=config.frames, steps=config.steps, guidance=config.guidance, shift=shift,
-        negative_prompt=TOY_DEFAULTS["negative_prompt"], seed=config.render_seed,
+        area=config.area, frames=config.frames, steps=config.steps, guidance=config.guidance,
+        memory_guidance=config.memory_guidance, shift=shift, negative_prompt=TOY_DEFAULTS["negative_prompt"], seed=config.render_seed,
         embedder=TOY_DEFAULTS["embedder"], aesthetic=TOY_DEFAULTS["aesthetic"], device=device, progress=False,
     )
     return dataclasses.replace(options, **condition.render)
@@ -395,6 +396,8 @@ def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
         raise ExperimentError(f"--frames {config.frames}: must be of the form 4n+1 and at least 5")
     if config.steps < 1:
         raise ExperimentError(f"--steps {config.steps}: must be >= 1")
+    if not (math.isfinite(config.memory_guidance) and config.memory_guidance >= 0):
+        raise ExperimentError(f"--memory-guidance {config.memory_guidance}: must be a finite number >= 0 (1 = off)")
     if (config.height is None) != (config.width is None):
         raise ExperimentError("give both --height and --width, or neither (a square of --area)")
     if config.base != "toy" and not (Path(config.base) / "model_index.json").is_file():
@@ -736,7 +739,9 @@ def format_table(results: dict) -> str:
                      "shot pairs per condition.")
     lines += [
         f"Renders: {settings['height']}x{settings['width']}, {settings['frames']} frames, {settings['steps']} steps, "
-        f"guidance {settings['guidance']}, shift {settings['shift']}, empty negative prompt, seed "
+        f"guidance {settings['guidance']}, "
+        + (f"memory guidance {settings['memory_guidance']}, " if "memory_guidance" in settings else "")
+        + f"shift {settings['shift']}, empty negative prompt, seed "
         f"{settings['render_seed']} + shot index.",
         "identity: share of shots whose detected character is the ground truth (± standard error over stories); "
         "returns: shots where the main character returns; after 1st: shots 2..N; intro.: a character's first "
@@ -761,7 +766,9 @@ def _settings(plan: ExperimentPlan) -> dict:
     return {"base": str(config.base), "adapter": plan.adapters.get("adapter"),
             "contiguous_adapter": plan.adapters.get("contiguous_adapter"), "stories": str(config.stories),
             "num_stories": len(plan.cases), "height": plan.height, "width": plan.width, "frames": config.frames,
-            "steps": config.steps, "guidance": config.guidance, "shift": plan.shift, "dtype": config.dtype,
+            "steps": config.steps, "guidance": config.guidance,
+            **({"memory_guidance": config.memory_guidance} if config.memory_guidance != 1.0 else {}),
+            "shift": plan.shift, "dtype": config.dtype,
             "render_seed": config.render_seed, "negative_prompt": "", "embedder": "pixel", "aesthetic": "none"}
 
 
@@ -842,6 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=17, help="frames per shot, 4n+1")
     p.add_argument("--steps", type=int, default=8, help="denoising steps")
     p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance")
+    p.add_argument("--memory-guidance", type=float, default=1.0,
+                   help="guidance towards the memory frames in the memory conditions (1 = off)")
     p.add_argument("--shift", type=float, help="UniPC flow shift (default: the base's scheduler's)")
     p.add_argument("--render-seed", type=int, default=0, help="shot seed = this + shot index (every condition)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -855,7 +864,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         base=args.base, stories=Path(args.stories), out=Path(args.out), adapter=args.adapter,
         contiguous_adapter=args.contiguous_adapter, conditions=args.conditions, device=args.device, dtype=args.dtype,
         area=args.area, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
-        guidance=args.guidance, shift=args.shift, render_seed=args.render_seed, count=args.count,
+        guidance=args.guidance, memory_guidance=args.memory_guidance, shift=args.shift, render_seed=args.render_seed, count=args.count,
         story_seed=args.seed, num_shots=args.num_shots, max_shots=args.max_shots, limit_stories=args.limit_stories,
         progress=not args.no_progress)
     try:
