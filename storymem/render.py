@@ -33,6 +33,7 @@ Every input is checked before any model loads and before the output folder is to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -96,7 +97,11 @@ TOY_DEFAULTS = dict(area=64 * 64, frames=17, steps=8, shift=3.0, embedder="pixel
 # Wan2.2-T2V-A14B's own sampling defaults (its config: shift 12, guidance 4.0 high-noise / 3.0 low-noise).
 T2V_DEFAULTS = dict(shift=12.0, guidance=4.0, guidance_2=3.0)
 
-SHOT_MODES = ("t2v", "i2v", "m2v", "mi2v", "mm2v")
+SHOT_MODES = ("t2v", "base", "i2v", "m2v", "mi2v", "mm2v")
+# How shot 1 starts when no T2V model, first image or reference images are given: M2V on an empty memory
+# (through the adapter), or the base alone with the adapter switched off ("base": for bases that generate from
+# text themselves, like the small world's, it plays the part Wan2.2-T2V-A14B plays for the real model).
+FIRST_SHOTS = ("m2v", "base")
 # What the memory bank receives after each shot: the selected keyframes (the release), the shot's first frame
 # only, or nothing (every shot is generated without memory).
 MEMORY_SOURCES = ("keyframes", "first-frame", "none")
@@ -126,6 +131,7 @@ class RenderOptions:
     t2v_model: Optional[str] = None
     first_image: Optional[Path] = None
     reference_images: list[Path] = field(default_factory=list)
+    first_shot: str = "m2v"
     dtype: str = "auto"
     height: Optional[int] = None
     width: Optional[int] = None
@@ -174,6 +180,8 @@ class RenderOptions:
             "t2v_model": self.t2v_model,
             "first_image": _file_record(self.first_image),
             "reference_images": [_file_record(p) for p in self.reference_images],
+            # Only when set, so renders made before the option existed still resume.
+            **({"first_shot": self.first_shot} if self.first_shot != "m2v" else {}),
             "dtype": self.resolved_dtype(),
             "height": self.height,
             "width": self.width,
@@ -303,6 +311,20 @@ def load_render_pipeline(options: RenderOptions, shared: Optional[dict] = None, 
             if model is not None:
                 model.set_attention_backend(options.attention_backend)
     return _place(pipe, options, device or options.resolved_device())
+
+
+@contextlib.contextmanager
+def adapter_disabled(pipe):
+    """The pipeline with its LoRA layers switched off (diffusers' ``disable_lora``), on again afterwards."""
+    loaded = [getattr(pipe, n, None) for n in pipe._lora_loadable_modules]
+    if not any(getattr(m, "_hf_peft_config_loaded", False) for m in loaded if m is not None):
+        yield pipe  # no adapter: the base already
+        return
+    pipe.disable_lora()
+    try:
+        yield pipe
+    finally:
+        pipe.enable_lora()
 
 
 def load_t2v_pipeline(options: RenderOptions):
@@ -593,7 +615,10 @@ def _validate_options(options: RenderOptions, story) -> None:
     if o.parallel not in ("none", "ulysses", "ring"):
         raise RenderError(f"--parallel {o.parallel!r}: must be none, ulysses or ring")
 
-    starts = [name for name, value in (("--t2v-model", o.t2v_model), ("--first-image", o.first_image),
+    if o.first_shot not in FIRST_SHOTS:
+        raise RenderError(f"--first-shot {o.first_shot!r}: must be one of {', '.join(FIRST_SHOTS)}")
+    starts = [name for name, value in (("--first-shot base", o.first_shot == "base"),
+                                       ("--t2v-model", o.t2v_model), ("--first-image", o.first_image),
                                        ("--reference-images", o.reference_images)) if value]
     if len(starts) > 1:
         raise RenderError(f"{' and '.join(starts)} both decide how shot 1 starts; pass only one")
@@ -846,7 +871,7 @@ class StoryRenderer:
                 return "t2v"
             if self.options.first_image:
                 return "i2v"
-            return "m2v"
+            return "base" if self.options.first_shot == "base" else "m2v"
         if shot.cut or self.continuation_mode == "none":
             return "m2v"
         return self.continuation_mode
@@ -867,6 +892,12 @@ class StoryRenderer:
         entries: list = []
         if mode == "t2v":
             out = t2v(guidance_scale=o.t2v_guidance, guidance_scale_2=o.t2v_guidance_2, **common)
+        elif mode == "base":
+            kwargs = dict(guidance_scale=o.guidance, guidance_scale_2=o.guidance_2)
+            if self.pipe.config.boundary_ratio is None:
+                kwargs.pop("guidance_scale_2")
+            with adapter_disabled(self.pipe):
+                out = self.pipe(**common, **kwargs)
         else:
             kwargs = dict(guidance_scale=o.guidance, guidance_scale_2=o.guidance_2)
             if mode == "i2v":
@@ -1192,6 +1223,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                "attention defaults to _native_cudnn")
 
     g = p.add_argument_group("shot 1")
+    g.add_argument("--first-shot", default="m2v", choices=FIRST_SHOTS,
+                   help="without --t2v-model, --first-image or --reference-images: M2V on an empty memory, or "
+                        "'base': the base alone, adapter off (for bases that draw from text, like --base toy)")
     g.add_argument("--first-image", help="start shot 1 from this image (plain I2V)")
     g.add_argument("--reference-images", nargs="+", default=[], metavar="IMAGE",
                    help="MR2V: images that seed the memory; shot 1 is M2V on them")
@@ -1267,6 +1301,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[Any, RenderOptions]:
         t2v_model=args.t2v_model,
         first_image=Path(args.first_image) if args.first_image else None,
         reference_images=[Path(p) for p in args.reference_images],
+        first_shot=args.first_shot,
         dtype=args.dtype,
         height=TOY_SIZE if square else args.height,
         width=TOY_SIZE if square else args.width,

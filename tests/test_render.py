@@ -316,6 +316,42 @@ def test_mm2v_adapter_continues_with_motion_frames(tmp_path):
     assert manifest["runtime"]["adapter"]["conditioning"] == "mm2v"
 
 
+
+def test_first_shot_base_draws_shot_1_with_the_adapter_off(tmp_path, spy):
+    import torch
+
+    from storymem.lora import StoryMemLoraConfig, add_storymem_adapter, save_storymem_lora
+
+    pipe = render.load_toy_pipeline("tiny")
+    config = StoryMemLoraConfig(rank=4, alpha=4.0, conditioning="m2v")
+    generator = torch.Generator().manual_seed(0)
+    for model in (pipe.transformer, pipe.transformer_2):
+        add_storymem_adapter(model, config)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero, an adapter that changes nothing
+                param.data = torch.randn(param.shape, generator=generator) * 0.5
+    save_storymem_lora(tmp_path / "adapter", {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2},
+                       config)
+    story = _story(tmp_path, {"prompts": ["a red circle", "a blue square"]}, name="s.json")
+    lora = ["--lora", str(tmp_path / "adapter")]
+    runs = {}
+    for name, extra in (("base_first", [*lora, "--first-shot", "base"]), ("m2v_first", lora), ("no_adapter", [])):
+        spy.clear()
+        assert main(_args(story, tmp_path / name, *extra)) == 0
+        runs[name] = [c["frames"] for c in spy]
+    # Shot 1 is the base's own (adapter off); with the default it goes through the adapter.
+    np.testing.assert_array_equal(runs["base_first"][0], runs["no_adapter"][0])
+    assert not np.array_equal(runs["m2v_first"][0], runs["no_adapter"][0])
+    # Shot 2 has the same memory in both runs: only the adapter, on again, tells them apart.
+    assert not np.array_equal(runs["base_first"][1], runs["no_adapter"][1])
+    manifest = json.loads((tmp_path / "base_first" / "manifest.json").read_text())
+    assert [s["mode"] for s in manifest["shots"]] == ["base", "m2v"]
+    assert manifest["settings"]["first_shot"] == "base"
+    assert "first_shot" not in json.loads((tmp_path / "m2v_first" / "manifest.json").read_text())["settings"]
+    image = _png(tmp_path / "first.png")
+    assert main(_args(story, tmp_path / "both", "--first-shot", "base", "--first-image", str(image))) == 2
+    assert not (tmp_path / "both").exists()
+
 def test_saved_base_and_t2v_first_shot(tmp_path):
     """The real loading path: diffusers folders for the I2V base and the T2V model of shot 1."""
     from diffusers import WanPipeline, WanTransformer3DModel

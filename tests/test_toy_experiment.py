@@ -215,8 +215,9 @@ def test_default_conditions_and_the_contiguous_rows(models, tmp_path):
     assert contiguous.lora == str((models / "contiguous").resolve()) and contiguous.memory_rope == "contiguous"
     assert not (tmp_path / "out").exists()  # planning writes no render folder
 
-    plan = experiment.plan_experiment(ExperimentConfig(**base, memory_guidance=2.0))
-    assert {name: jobs[0][1].options.memory_guidance for name, jobs in plan.jobs.items()}["m2v"] == 2.0
+    plan = experiment.plan_experiment(ExperimentConfig(**base, memory_guidance=2.0, first_shot="base"))
+    m2v = plan.jobs["m2v"][0][1].options
+    assert (m2v.memory_guidance, m2v.first_shot) == (2.0, "base")
 
 
 # ---------------------------------------------------------------------------------------------- bad input

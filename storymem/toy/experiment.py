@@ -163,6 +163,7 @@ class ExperimentConfig:
     steps: int = 8
     guidance: float = 3.5
     memory_guidance: float = 1.0
+    first_shot: str = "m2v"
     shift: Optional[float] = None
     render_seed: int = 0
     count: int = 20
@@ -381,7 +382,7 @@ def render_options(config: ExperimentConfig, condition: Condition, out_dir: Path
     options = RenderOptions(
         out_dir=out_dir, base=config.base, lora=adapter, dtype=config.dtype, height=height, width=width,
         area=config.area, frames=config.frames, steps=config.steps, guidance=config.guidance,
-        memory_guidance=config.memory_guidance, shift=shift, negative_prompt=TOY_DEFAULTS["negative_prompt"], seed=config.render_seed,
+        memory_guidance=config.memory_guidance, first_shot=config.first_shot, shift=shift, negative_prompt=TOY_DEFAULTS["negative_prompt"], seed=config.render_seed,
         embedder=TOY_DEFAULTS["embedder"], aesthetic=TOY_DEFAULTS["aesthetic"], device=device, progress=False,
     )
     return dataclasses.replace(options, **condition.render)
@@ -741,6 +742,7 @@ def format_table(results: dict) -> str:
         f"Renders: {settings['height']}x{settings['width']}, {settings['frames']} frames, {settings['steps']} steps, "
         f"guidance {settings['guidance']}, "
         + (f"memory guidance {settings['memory_guidance']}, " if "memory_guidance" in settings else "")
+        + ("shot 1 from the base alone, " if settings.get("first_shot") == "base" else "")
         + f"shift {settings['shift']}, empty negative prompt, seed "
         f"{settings['render_seed']} + shot index.",
         "identity: share of shots whose detected character is the ground truth (± standard error over stories); "
@@ -768,6 +770,7 @@ def _settings(plan: ExperimentPlan) -> dict:
             "num_stories": len(plan.cases), "height": plan.height, "width": plan.width, "frames": config.frames,
             "steps": config.steps, "guidance": config.guidance,
             **({"memory_guidance": config.memory_guidance} if config.memory_guidance != 1.0 else {}),
+            **({"first_shot": config.first_shot} if config.first_shot != "m2v" else {}),
             "shift": plan.shift, "dtype": config.dtype,
             "render_seed": config.render_seed, "negative_prompt": "", "embedder": "pixel", "aesthetic": "none"}
 
@@ -849,6 +852,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=17, help="frames per shot, 4n+1")
     p.add_argument("--steps", type=int, default=8, help="denoising steps")
     p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance")
+    p.add_argument("--first-shot", default="m2v", choices=["m2v", "base"],
+                   help="how each story's shot 1 starts (render's --first-shot): M2V on an empty memory, or the "
+                        "base alone with the adapter off, as StoryMem draws it with its T2V model")
     p.add_argument("--memory-guidance", type=float, default=1.0,
                    help="guidance towards the memory frames in the memory conditions (1 = off)")
     p.add_argument("--shift", type=float, help="UniPC flow shift (default: the base's scheduler's)")
@@ -864,7 +870,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         base=args.base, stories=Path(args.stories), out=Path(args.out), adapter=args.adapter,
         contiguous_adapter=args.contiguous_adapter, conditions=args.conditions, device=args.device, dtype=args.dtype,
         area=args.area, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
-        guidance=args.guidance, memory_guidance=args.memory_guidance, shift=args.shift, render_seed=args.render_seed, count=args.count,
+        guidance=args.guidance, memory_guidance=args.memory_guidance, first_shot=args.first_shot,
+        shift=args.shift, render_seed=args.render_seed, count=args.count,
         story_seed=args.seed, num_shots=args.num_shots, max_shots=args.max_shots, limit_stories=args.limit_stories,
         progress=not args.no_progress)
     try:
