@@ -430,3 +430,16 @@ def test_detection_tally_counts_misses_as_wrong_and_reads_memory():
     no_memory = DetectionTally()
     no_memory.add(Detection(meant, 1.0), meant)
     assert no_memory.results()["memory"] is None and "remembered" not in no_memory.line()
+
+
+def test_default_story_seed_is_the_recipes_held_out_set():
+    import re
+    from pathlib import Path
+
+    recipe = (Path(__file__).resolve().parents[1] / "scripts" / "train_small_world.sh").read_text()
+    stage = re.search(r"make_story_set\('\$RUN/stories', [^)]*seed=(\d+)", recipe)
+    assert stage, "the recipe's stories stage no longer calls make_story_set"
+    assert int(stage.group(1)) == experiment.HELD_OUT_STORY_SEED
+    assert ExperimentConfig(base="toy", stories=Path("s"), out=Path("o")).story_seed == experiment.HELD_OUT_STORY_SEED
+    assert experiment.build_parser().parse_args(["--base", "toy", "--stories", "s", "--out", "o"]).seed == \
+        experiment.HELD_OUT_STORY_SEED
