@@ -12,6 +12,11 @@
 # p: a share of the round's clips cut once to the same character elsewhere, see
 # storymem.toy.train_base.cut_clip), CONTINUE_CUT_CAPTIONS
 # (probabilities of the caption modes first,named,returns,same before a cut; default 0.1,0.05,0.1,0.75),
+# CONTINUE_MEMORY_PROB (unset: none; p: a share of the steps in the M2V memory layout, with frames of the clip's
+# character from other clips), CONTINUE_MEMORY_DISTRACTOR (unset: none; p: a share of the memory steps with
+# another character's frame among the references, the caption naming the right one), CONTINUE_REFERENTIAL
+# (unset: none; p: on image-to-video and memory steps, the share of captions that say only "the same
+# character ..."), CONTINUE_FREEZE_TEXT (set: the text encoder stays as it is),
 # DECODER_MINUTES (6.5),
 # LORA_MINUTES (4), LORA_BATCH (16), LORA_WORKERS (2),
 # LORA_CHECKPOINT_STEPS (100000), LORA_RESUME (set: continue both adapters from their latest checkpoints),
@@ -81,7 +86,11 @@ make_story_set('$RUN/stories', count=20, seed=2026, num_shots=6, max_shots=8)" ;
         --steps 100000 --batch-size "${CONTINUE_BATCH:-128}" --lr "${CONTINUE_LR:-3e-4}" \
         --warmup-steps "${CONTINUE_WARMUP:-200}" --minutes "${CONTINUE_MINUTES:-7.5}" \
         ${CONTINUE_CUT_PROB:+--cut-prob $CONTINUE_CUT_PROB} \
-        ${CONTINUE_CUT_CAPTIONS:+--cut-caption-mode-probs $CONTINUE_CUT_CAPTIONS} ;;
+        ${CONTINUE_CUT_CAPTIONS:+--cut-caption-mode-probs $CONTINUE_CUT_CAPTIONS} \
+        ${CONTINUE_MEMORY_PROB:+--memory-prob $CONTINUE_MEMORY_PROB} \
+        ${CONTINUE_MEMORY_DISTRACTOR:+--memory-distractor-prob $CONTINUE_MEMORY_DISTRACTOR} \
+        ${CONTINUE_REFERENTIAL:+--referential-prob $CONTINUE_REFERENTIAL} \
+        ${CONTINUE_FREEZE_TEXT:+--freeze-text-encoder} ;;
     decoder)  # the VAE decoder only: the latent space, and every transformer trained on it, stay valid
       $PY -m storymem.toy.train_base --out "$RUN/decoder_run" --init "$(latest_base)" --retrain-vae \
         --vae-decoder-only --vae-only --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" \

@@ -222,3 +222,114 @@ def test_a_data_parallel_continuation_trains_and_rank_0_saves(tmp_path):
     before = load_base_components(tmp_path / "a" / "base")["transformer"].state_dict()
     after = load_base_components(tmp_path / "b" / "base")["transformer"].state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_reference_frames_show_the_clip_character_elsewhere_and_referential_captions_name_nobody():
+    from storymem.toy.detector import IdentityDetector
+    from storymem.toy.train_base import render_reference_frames
+
+    frames, captions, identities, referential = render_training_clips(6, 9, 64, 64, seed=3, chunk=4)
+    # The referential forms change nothing else: the clips of a seed are what they were.
+    assert np.array_equal(frames, render_training_clips(6, 9, 64, 64, seed=3, chunk=4, cut_prob=0.0)[0])
+    for caption, same in zip(captions, referential):
+        assert same.startswith("the same character ") and same.split(" ", 3)[3] in caption
+    refs = render_reference_frames(identities, 3, 9, 64, 64, seed=5, chunk=4)
+    assert refs.shape == (6, 3, 64, 64, 3) and refs.dtype == np.uint8
+    assert np.array_equal(refs, render_reference_frames(identities, 3, 9, 64, 64, seed=5, chunk=4, workers=2))
+    assert not np.array_equal(refs, render_reference_frames(identities, 3, 9, 64, 64, seed=6, chunk=4))
+    detector = IdentityDetector()
+    for key, clip, own in zip(identities, frames, refs):
+        assert all(detector.identify(frame[None]).character.key == key for frame in own)
+        assert not any(np.array_equal(frame, f) for frame in own for f in clip)  # drawn in other clips
+    with pytest.raises(ValueError, match="per_clip must be >= 1"):
+        render_reference_frames(identities, 0, 9, 64, 64)
+
+
+def _recording(transformer, calls):
+    forward = transformer.forward
+
+    def record(*args, **kwargs):
+        calls.append((kwargs["hidden_states"].shape[2], kwargs["encoder_hidden_states"].detach().clone()))
+        return forward(*args, **kwargs)
+
+    transformer.forward = record
+
+
+def test_memory_steps_put_references_before_the_clip_and_referential_captions_replace_names():
+    from storymem.toy.train_base import _prompt_embeddings, tokenize
+
+    config = ToyBaseConfig(**{**TINY, "steps": 12, "batch_size": 2, "memory_prob": 0.5, "memory_frames": 3,
+                              "referential_prob": 1.0, "i2v_prob": 0.0, "caption_dropout": 0.0,
+                              "freeze_text_encoder": True})  # fixed embeddings: comparable across steps
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 16, 3, 8, 8, generator=generator)
+    memory = torch.randn(2, 16, 3, 8, 8, generator=generator)
+    captions, referential = ["a red circle walks", "a blue square runs"], ["the same character walks"] * 2
+    components = build_base_components(config, seed=0)
+    calls = []
+    _recording(components["transformer"], calls)
+    losses = train_transformer(components, latents, latents, torch.zeros(1, 16, 3, 8, 8), captions, config, "cpu",
+                               log_every=0, referential_captions=referential, memory_latents=memory)
+    assert len(losses) == 12 and np.isfinite(losses).all()
+    lengths = [length for length, _ in calls]
+    with_memory = [n for n in lengths if n > 3]
+    assert 0 < len(with_memory) < 12 and all(4 <= n <= 6 for n in with_memory)
+    assert len(set(with_memory)) > 1  # 1..3 references a step
+    # Text-to-video steps keep the names; memory steps (text-to-video here) say only "the same character".
+    text = components["text_encoder"]
+    ids, mask = tokenize(components["tokenizer"], referential[:1])
+    used = int(mask.sum())
+    same = _prompt_embeddings(text, ids[:, :used], mask[:, :used])
+    for length, embeds in calls:
+        is_same = torch.allclose(embeds[:, :used], same.expand(2, -1, -1), atol=1e-5)
+        assert is_same == (length > 3)
+
+    # Without the settings, memory latents given or not, the run is the one it always was.
+    plain = ToyBaseConfig(**{**TINY, "steps": 5, "batch_size": 2})
+    runs = [train_transformer(build_base_components(plain, seed=0), latents, latents, torch.zeros(1, 16, 3, 8, 8),
+                              captions, plain, "cpu", log_every=0, **extra)
+            for extra in ({}, {"memory_latents": memory, "referential_captions": referential})]
+    assert runs[0] == runs[1]
+    # With a distractor, a memory step has one more reference, and its captions keep the names.
+    config = ToyBaseConfig(**{**TINY, "steps": 10, "batch_size": 2, "memory_prob": 1.0, "memory_frames": 2,
+                              "memory_distractor_prob": 0.5, "referential_prob": 1.0, "i2v_prob": 0.0,
+                              "caption_dropout": 0.0, "freeze_text_encoder": True})
+    components = build_base_components(config, seed=0)
+    calls = []
+    _recording(components["transformer"], calls)
+    train_transformer(components, latents, latents, torch.zeros(1, 16, 3, 8, 8), captions, config, "cpu",
+                      log_every=0, referential_captions=referential, memory_latents=memory[:, :, :2])
+    same = _prompt_embeddings(components["text_encoder"], ids[:, :used], mask[:, :used])
+    kinds = set()
+    for length, embeds in calls:
+        named = not torch.allclose(embeds[:, :used], same.expand(2, -1, -1), atol=1e-5)
+        kinds.add((length, named))
+    # 1-2 references alone with referential captions, or 2-3 with a distractor and the names.
+    assert kinds <= {(4, False), (5, False), (5, True), (6, True)} and any(n for _, n in kinds)
+    assert any(not n for _, n in kinds)
+    with pytest.raises(ValueError, match="needs memory_latents"):
+        train_transformer(build_base_components(config, seed=0), latents, latents, torch.zeros(1, 16, 3, 8, 8),
+                          captions, config, "cpu", referential_captions=referential)
+    with pytest.raises(ValueError, match="do not match latents"):
+        train_transformer(build_base_components(config, seed=0), latents, latents, torch.zeros(1, 16, 3, 8, 8),
+                          captions, config, "cpu", referential_captions=referential, memory_latents=memory[:1])
+    with pytest.raises(ValueError, match="memory_prob must be in"):
+        ToyBaseConfig(memory_prob=1.5).validate()
+
+
+def test_a_memory_round_from_the_command_line_keeps_the_text_encoder_when_frozen(tmp_path):
+    from storymem.toy.train_base import load_base_components, main
+
+    train_base(ToyBaseConfig(**{**TINY, "steps": 2}), tmp_path / "a", device="cpu")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "steps": 3, "seed": 4}.items()]
+    main(["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a" / "base"), "--device", "cpu", *flags,
+          "--memory-prob", "1", "--memory-frames", "2", "--referential-prob", "0.5", "--freeze-text-encoder"])
+    summary = json.loads((tmp_path / "b" / "train_base_summary.json").read_text())
+    assert summary["transformer"]["steps"] == 3
+    assert (summary["config"]["memory_prob"], summary["config"]["memory_frames"]) == (1.0, 2)
+    assert summary["config"]["freeze_text_encoder"] is True
+    before, after = load_base_components(tmp_path / "a" / "base"), load_base_components(tmp_path / "b" / "base")
+    text_before, text_after = before["text_encoder"].state_dict(), after["text_encoder"].state_dict()
+    assert all(torch.equal(text_before[k], text_after[k]) for k in text_before)
+    moved = before["transformer"].state_dict()
+    assert any(not torch.equal(v, after["transformer"].state_dict()[k]) for k, v in moved.items())

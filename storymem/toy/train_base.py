@@ -78,6 +78,7 @@ __all__ = [
     "cut_clip",
     "latent_character_mask",
     "load_base_components",
+    "render_reference_frames",
     "render_training_clips",
     "to_video",
     "train_base",
@@ -106,6 +107,19 @@ class ToyBaseConfig:
     # can draw it after the cut from the text alone and never has to look back at the frames.
     cut_caption_mode_probs: tuple = (0.1, 0.05, 0.1, 0.75)  # first, named, returns, same
     exclude: list = field(default_factory=list)  # identity keys kept out of training (held-out stories)
+    # Share of steps in the memory layout of M2V (storymem.conditioning, negative RoPE): memory frames of the
+    # clip's character drawn in other clips, before the clip. A big model brings this skill from pretraining on
+    # real video; the small base has to be taught it, or an adapter has nothing to route memory into.
+    memory_prob: float = 0.0
+    memory_frames: int = 4  # reference frames per clip (two from each of two other clips); a step uses 1..this
+    # Share of memory steps with a frame of another character among the references, the caption naming the
+    # clip's character: a story's bank holds every character so far, and the prompt says which one is meant.
+    memory_distractor_prob: float = 0.0
+    # On image-to-video and memory steps, the share of captions replaced by their referential form ("the same
+    # character ..."): with a caption that names the character, the model can draw it from the text and never
+    # learns to carry it over from the frames.
+    referential_prob: float = 0.0
+    freeze_text_encoder: bool = False  # train the transformer only (prompt embeddings of the base stay valid)
     # VAE
     vae_base_dim: int = 16
     vae_dim_mult: tuple = (1, 2, 4)
@@ -148,8 +162,11 @@ class ToyBaseConfig:
             raise ValueError(f"vae_window ({self.vae_window}) is longer than the clips ({self.num_frames})")
         for name in ("caption_mode_probs", "cut_caption_mode_probs"):
             _check_mode_probs(getattr(self, name), name)
-        if not 0.0 <= self.cut_prob <= 1.0:
-            raise ValueError(f"cut_prob must be in [0, 1], got {self.cut_prob}")
+        for name in ("cut_prob", "memory_prob", "memory_distractor_prob", "referential_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.memory_prob and self.memory_frames < 1:
+            raise ValueError(f"memory_frames must be >= 1 when memory_prob > 0, got {self.memory_frames}")
         if self.cut_prob and self.num_frames < 9:
             raise ValueError(f"a cut needs num_frames >= 9 (two latent frames before it, one after), "
                              f"got {self.num_frames}")
@@ -240,11 +257,11 @@ def cut_clip(rng: np.random.Generator, first: ClipSpec, mode: str, num_frames: i
     return video, f"{first.caption(mode)} then {second.caption('same')}", cut
 
 
-def _render_chunk(job: tuple) -> tuple[np.ndarray, list[str], list[str]]:
+def _render_chunk(job: tuple) -> tuple[np.ndarray, list[str], list[str], list[str]]:
     seed, count, num_frames, height, width, mode_probs, exclude, cut_prob, cut_mode_probs = job
     rng = np.random.default_rng(seed)
     frames = np.empty((count, num_frames, height, width, 3), np.uint8)
-    captions, identities = [], []
+    captions, identities, referential = [], [], []
     for i in range(count):
         character = Character.random(rng, exclude=exclude)
         spec = ClipSpec.random(rng, character)
@@ -253,24 +270,28 @@ def _render_chunk(job: tuple) -> tuple[np.ndarray, list[str], list[str]]:
         if cut_prob and rng.random() < cut_prob:
             mode = CAPTION_MODES[int(rng.choice(len(CAPTION_MODES), p=cut_mode_probs))]
             frames[i], caption, _ = cut_clip(rng, spec, mode, num_frames, height, width)
+            same = caption  # after the cut it is referential already; before it, mostly too
         else:
             frames[i], caption = spec.render(num_frames, height, width), spec.caption(mode)
+            same = spec.caption("same")
         captions.append(caption)
         identities.append(character.key)
-    return frames, captions, identities
+        referential.append(same)
+    return frames, captions, identities, referential
 
 
 def render_training_clips(count: int, num_frames: int, height: int, width: int, seed: int = 0,
                           exclude: Sequence[str] = (), mode_probs: Sequence[float] = (0.5, 0.25, 0.15, 0.1),
                           workers: int = 1, chunk: int = 250,
                           cut_prob: float = 0.0, cut_mode_probs: Sequence[float] = (0.1, 0.05, 0.1, 0.75),
-                          ) -> tuple[np.ndarray, list[str], list[str]]:
+                          ) -> tuple[np.ndarray, list[str], list[str], list[str]]:
     """``count`` single-character clips of random characters (identities in ``exclude`` left out) in random
     scenes, with captions in the given mix of modes; a share ``cut_prob`` of them cut once to the same
     character elsewhere (:func:`cut_clip`), the part before the cut captioned in the ``cut_mode_probs`` mix.
     Deterministic per ``seed`` whatever ``workers``.
 
-    Returns ``(frames uint8 [N, T, H, W, 3], captions, identity keys)``.
+    Returns ``(frames uint8 [N, T, H, W, 3], captions, identity keys, referential captions)``, the last being
+    each clip's caption in the ``same`` mode ("the same character ..."; a cut clip's caption as it is).
     """
     if not 0.0 <= cut_prob <= 1.0:
         raise ValueError(f"cut_prob must be in [0, 1], got {cut_prob}")
@@ -285,7 +306,44 @@ def render_training_clips(count: int, num_frames: int, height: int, width: int, 
     else:
         parts = [_render_chunk(job) for job in jobs]
     frames = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, num_frames, height, width, 3), np.uint8)
-    return frames, [c for p in parts for c in p[1]], [k for p in parts for k in p[2]]
+    return (frames, [c for p in parts for c in p[1]], [k for p in parts for k in p[2]],
+            [c for p in parts for c in p[3]])
+
+
+def _render_reference_chunk(job: tuple) -> np.ndarray:
+    seed, keys, per_clip, num_frames, height, width = job
+    rng = np.random.default_rng(seed)
+    out = np.empty((len(keys), per_clip, height, width, 3), np.uint8)
+    for i, key in enumerate(keys):
+        character = Character.from_key(key)
+        filled = 0
+        while filled < per_clip:
+            video = ClipSpec.random(rng, character).render(num_frames, height, width)
+            take = min(2, per_clip - filled)
+            for t in sorted(rng.choice(num_frames, size=take, replace=False)):
+                out[i, filled] = video[t]
+                filled += 1
+    return out
+
+
+def render_reference_frames(identities: Sequence[str], per_clip: int, num_frames: int, height: int, width: int,
+                            seed: int = 0, workers: int = 1, chunk: int = 250) -> np.ndarray:
+    """Memory frames for training clips: for each identity key, ``per_clip`` frames of that character in other
+    clips (two random frames from each, every clip in a random scene, place and motion), the way a memory bank
+    holds keyframes of earlier shots. Deterministic per ``seed`` whatever ``workers``.
+
+    Returns uint8 ``[N, per_clip, H, W, 3]``.
+    """
+    if per_clip < 1:
+        raise ValueError(f"per_clip must be >= 1, got {per_clip}")
+    jobs = [(int(np.random.default_rng([seed, 7, i]).integers(2 ** 31)), list(identities[start:start + chunk]),
+             per_clip, num_frames, height, width) for i, start in enumerate(range(0, len(identities), chunk))]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(pool.map(_render_reference_chunk, jobs))
+    else:
+        parts = [_render_reference_chunk(job) for job in jobs]
+    return np.concatenate(parts) if parts else np.empty((0, per_clip, height, width, 3), np.uint8)
 
 
 # Darkest background value 0.28; darkest pattern shade 0.78 x 0.5 = 0.39 (world.COLOURS, PATTERN_SHADE).
@@ -502,6 +560,24 @@ def encode_clips(vae, clips: torch.Tensor, device, batch_size: int = 64, out_dty
     return torch.cat(latents), torch.cat(conditions)
 
 
+@torch.no_grad()
+def encode_reference_frames(vae, references: np.ndarray, device, batch_size: int = 512,
+                            out_dtype=torch.bfloat16) -> torch.Tensor:
+    """uint8 ``[N, K, H, W, 3]`` reference frames -> normalised memory latents ``[N, z, K, h, w]``, each frame
+    encoded on its own as a one-frame video, as the pipeline encodes memory
+    (:func:`~storymem.conditioning.encode_memory_frames`)."""
+    from ..conditioning import encode_memory_frames
+
+    n, k = references.shape[:2]
+    flat = torch.from_numpy(np.ascontiguousarray(references)).flatten(0, 1)  # [N*K, H, W, 3]
+    parts = []
+    for start in range(0, flat.shape[0], batch_size):
+        images = flat[start:start + batch_size].to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        parts.append(encode_memory_frames(vae, images, batch_size=batch_size)[0].to(out_dtype))  # [z, m, h, w]
+    latents = torch.cat(parts, dim=1)  # [z, N*K, h, w]
+    return latents.unflatten(1, (n, k)).permute(1, 0, 2, 3, 4).contiguous()
+
+
 # ---------------------------------------------------------------------------------------------- transformer
 def _prompt_embeddings(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Wan's prompt encoding: the encoder's states up to each prompt's length, zeros after (as
@@ -522,28 +598,50 @@ def train_transformer(components: dict, latents: torch.Tensor, i2v_conditions: t
                       m2v_condition: torch.Tensor, captions: Sequence[str], config: ToyBaseConfig, device,
                       minutes: Optional[float] = None, log_every: int = 200,
                       generator: Optional[torch.Generator] = None,
-                      processes: Processes = Processes()) -> list[float]:
+                      processes: Processes = Processes(),
+                      referential_captions: Optional[Sequence[str]] = None,
+                      memory_latents: Optional[torch.Tensor] = None) -> list[float]:
     """Train the transformer and the text encoder in place (then load their EMA weights). Returns the losses
     (this process's).
 
     ``latents`` / ``i2v_conditions``: normalised ``[N, z, f, h, w]`` on ``device``; ``m2v_condition``:
     ``[1, z, f, h, w]``. Under several ``processes`` each trains on its own clips and gradients are averaged.
+
+    A share ``config.memory_prob`` of the steps is in the M2V memory layout: ``memory_latents`` ``[N, z, K, h,
+    w]`` (normalised, one latent frame per reference image; :func:`render_reference_frames`) hold K references
+    per clip, and the step puts 1..K of them (the same choice for the whole batch) before the clip, at
+    negative RoPE times, with the loss on the clip alone (:func:`~storymem.training.loss.flow_matching_loss`,
+    the function adapter training uses). Memory steps are image-to-video as often as the others. On
+    image-to-video and memory steps, ``config.referential_prob`` of the captions are replaced by
+    ``referential_captions`` (each clip's "the same character ..." form), except on the
+    ``config.memory_distractor_prob`` of memory steps that also hold a reference of another character: there
+    the caption is what says which one to draw.
     """
     from diffusers.training_utils import EMAModel
 
     from ..training.loss import flow_matching_loss
 
     transformer, text_encoder, tokenizer = components["transformer"], components["text_encoder"], components["tokenizer"]
+    if config.memory_prob and memory_latents is None:
+        raise ValueError("config.memory_prob > 0 needs memory_latents (reference frames of each clip's character)")
+    if config.referential_prob and referential_captions is None:
+        raise ValueError("config.referential_prob > 0 needs referential_captions")
+    if memory_latents is not None and (memory_latents.shape[0] != latents.shape[0]
+                                       or memory_latents.shape[3:] != latents.shape[3:]):
+        raise ValueError(f"memory_latents {tuple(memory_latents.shape)} do not match latents {tuple(latents.shape)}")
+    train_text = not config.freeze_text_encoder
     transformer.to(device).train().requires_grad_(True)
-    text_encoder.to(device).train().requires_grad_(True)
+    text_encoder.to(device).train(train_text).requires_grad_(train_text)
     ids, mask = tokenize(tokenizer, captions)
     empty_ids, empty_mask = tokenize(tokenizer, [""])
+    ref_ids, ref_mask = tokenize(tokenizer, referential_captions) if referential_captions is not None else (ids, mask)
     # Prompts are short: the encoder only needs the first tokens (the rest is padding it masks anyway).
-    used = int(mask.sum(dim=1).max())
+    used = max(int(mask.sum(dim=1).max()), int(ref_mask.sum(dim=1).max()))
     ids, mask = ids[:, :used].to(device), mask[:, :used].to(device)
+    ref_ids, ref_mask = ref_ids[:, :used].to(device), ref_mask[:, :used].to(device)
     empty_ids, empty_mask = empty_ids[:, :used].to(device), empty_mask[:, :used].to(device)
 
-    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    params = list(transformer.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     processes.broadcast(params)
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema = EMAModel(params, decay=config.ema_decay)
@@ -559,15 +657,34 @@ def train_transformer(components: dict, latents: torch.Tensor, i2v_conditions: t
         index = torch.randint(n, (config.batch_size,), generator=generator)
         i2v = bool(torch.rand((), generator=generator) < config.i2v_prob)
         dropped = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+        # Draws only when a setting is on, so runs without them see the batches they always saw.
+        with_memory = bool(config.memory_prob and torch.rand((), generator=generator) < config.memory_prob)
+        distractor = bool(with_memory and config.memory_distractor_prob
+                          and torch.rand((), generator=generator) < config.memory_distractor_prob)
         index_d = index.to(device)
-        batch_ids = torch.where(dropped.to(device)[:, None], empty_ids.expand(config.batch_size, -1), ids[index_d])
-        batch_mask = torch.where(dropped.to(device)[:, None], empty_mask.expand(config.batch_size, -1), mask[index_d])
-        with autocast:
+        batch_ids, batch_mask = ids[index_d], mask[index_d]
+        if config.referential_prob and (i2v or with_memory) and not distractor:
+            same = (torch.rand(config.batch_size, generator=generator) < config.referential_prob).to(device)[:, None]
+            batch_ids = torch.where(same, ref_ids[index_d], batch_ids)
+            batch_mask = torch.where(same, ref_mask[index_d], batch_mask)
+        batch_ids = torch.where(dropped.to(device)[:, None], empty_ids.expand(config.batch_size, -1), batch_ids)
+        batch_mask = torch.where(dropped.to(device)[:, None], empty_mask.expand(config.batch_size, -1), batch_mask)
+        memory = empty_memory
+        if with_memory:
+            k = memory_latents.shape[2]
+            chosen = torch.randperm(k, generator=generator)[: int(torch.randint(1, k + 1, (), generator=generator))]
+            memory = memory_latents[index_d][:, :, chosen.to(device)].float()
+            if distractor:  # a reference of the next sample's character, somewhere among this sample's
+                j = int(torch.randint(k, (), generator=generator))
+                at = int(torch.randint(memory.shape[2] + 1, (), generator=generator))
+                other = memory_latents[index_d.roll(1)][:, :, j:j + 1].float()
+                memory = torch.cat([memory[:, :, :at], other, memory[:, :, at:]], dim=2)
+        with autocast, torch.set_grad_enabled(train_text):
             embeds = _prompt_embeddings(text_encoder, batch_ids, batch_mask)
         embeds = F.pad(embeds.float(), (0, 0, 0, MAX_SEQUENCE_LENGTH - embeds.shape[1]))
         batch = {
             "latents": latents[index_d].float(),
-            "memory_latents": empty_memory,
+            "memory_latents": memory,
             "video_condition": (i2v_conditions[index_d] if i2v else m2v_condition.expand(config.batch_size, -1, -1, -1, -1)).float(),
             "num_frames": (f - 1) * 4 + 1,
             "num_context_frames": 1 if i2v else 0,
@@ -640,13 +757,17 @@ def train_base(config: ToyBaseConfig, out_dir, device: str = "cpu", workers: int
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
     clip_seed = config.seed if processes.rank == 0 else config.seed * 1000 + processes.rank
-    frames, captions, identities = render_training_clips(
+    frames, captions, identities, referential = render_training_clips(
         config.num_clips, config.num_frames, config.height, config.width, seed=clip_seed, exclude=config.exclude,
         mode_probs=config.caption_mode_probs, workers=workers, cut_prob=config.cut_prob,
         cut_mode_probs=config.cut_caption_mode_probs)
     clips = torch.from_numpy(frames)
     if device.startswith("cuda"):
         clips = clips.pin_memory()
+    references = None
+    if config.memory_prob:
+        references = render_reference_frames(identities, config.memory_frames, config.num_frames, config.height,
+                                             config.width, seed=clip_seed, workers=workers)
     logger.info("rendered %d clips in %.1f s", len(captions), time.perf_counter() - t0)
     components = build_base_components(config, seed=config.seed)
     if init is not None:
@@ -682,7 +803,7 @@ def train_base(config: ToyBaseConfig, out_dir, device: str = "cpu", workers: int
         summary["vae"] = {"steps": len(vae_losses), "seconds": round(time.perf_counter() - t, 1),
                           "loss_first": vae_losses[0], "loss_last100": float(np.mean(vae_losses[-100:]))}
         # Held-out clips (another seed) for the reconstruction figure.
-        held_out, _, _ = render_training_clips(64, config.num_frames, config.height, config.width,
+        held_out, _, _, _ = render_training_clips(64, config.num_frames, config.height, config.width,
                                                seed=config.seed + 10_000, exclude=config.exclude)
         summary["vae"].update(reconstruction_psnr(components["vae"].to(device), torch.from_numpy(held_out), device))
         logger.info("vae: %s", summary["vae"])
@@ -694,12 +815,13 @@ def train_base(config: ToyBaseConfig, out_dir, device: str = "cpu", workers: int
     t = time.perf_counter()
     latents, i2v_conditions = encode_clips(vae, clips, device)
     m2v = encode_video_condition(vae, None, config.num_frames, config.height, config.width, device=device)
+    memory_latents = None if references is None else encode_reference_frames(vae, references, device)
     summary["encode_seconds"] = round(time.perf_counter() - t, 1)
-    del clips, frames
+    del clips, frames, references
 
     t = time.perf_counter()
     losses = train_transformer(components, latents, i2v_conditions, m2v, captions, config, device, minutes=minutes,
-                               processes=processes)
+                               processes=processes, referential_captions=referential, memory_latents=memory_latents)
     summary["transformer"] = {"steps": len(losses), "seconds": round(time.perf_counter() - t, 1),
                               "loss_first100": float(np.mean(losses[:100])),
                               "loss_last500": float(np.mean(losses[-500:]))}
@@ -710,6 +832,9 @@ def train_base(config: ToyBaseConfig, out_dir, device: str = "cpu", workers: int
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write_json(out_dir / "train_base_summary.json", summary)
     return summary
+
+
+BOOL_FIELDS = ("vae_decoder_only", "freeze_text_encoder")  # store_true flags of the command line
 
 
 def _probs(text: str) -> tuple:
@@ -734,6 +859,8 @@ def _parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--vae-decoder-only", action="store_true",
                     help="train the VAE decoder only (the latent space, and a transformer on it, stay valid)")
     ap.add_argument("--init", help="base folder (OUT/base of an earlier run) to continue training from")
+    ap.add_argument("--freeze-text-encoder", action="store_true",
+                    help="train the transformer only (the base's prompt embeddings stay valid)")
     for f in dataclasses.fields(ToyBaseConfig):
         if f.type in ("int", "float") or f.type in (int, float):
             ap.add_argument("--" + f.name.replace("_", "-"), type=float if "float" in str(f.type) else int)
@@ -757,8 +884,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = _parse(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ToyBaseConfig)
-                 if getattr(args, f.name, None) is not None and f.name != "vae_decoder_only"}
-    overrides["vae_decoder_only"] = args.vae_decoder_only
+                 if getattr(args, f.name, None) is not None and f.name not in BOOL_FIELDS}
+    overrides.update({name: getattr(args, name) for name in BOOL_FIELDS})
     config = ToyBaseConfig(**overrides)
     if args.exclude_stories:
         config.exclude = story_identities(args.exclude_stories)
