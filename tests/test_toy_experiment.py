@@ -1,5 +1,6 @@
 """The small world's memory experiment: its metrics, a run on two short stories, and its input checks."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -200,14 +201,18 @@ def test_default_conditions_and_the_contiguous_rows(models, tmp_path):
     base = dict(base=str(models / "base"), adapter=str(models / "adapter"), stories=stories, out=tmp_path / "out",
                 limit_stories=1, **FAST)
     plan = experiment.plan_experiment(ExperimentConfig(**base))
-    assert [c.name for c in plan.conditions] == ["ground_truth", "independent", "m2v", "first_frame_memory",
-                                                 "no_sink", "negative_adapter_contiguous_rope"]
+    assert [c.name for c in plan.conditions] == ["ground_truth", "independent", "m2v", "base_memory",
+                                                 "first_frame_memory", "no_sink", "negative_adapter_contiguous_rope"]
     assert "contiguous_rope" in plan.skipped and len(plan.cases) == 1
     options = {name: jobs[0][1].options for name, jobs in plan.jobs.items()}
     assert (options["first_frame_memory"].memory_source, options["no_sink"].sink, options["m2v"].sink) == (
         "first-frame", 0, 3)
     assert options["negative_adapter_contiguous_rope"].memory_rope == "contiguous"
     assert options["independent"].lora is None and options["independent"].continuation == "none"
+    # The base alone with m2v's memory and continuation: the row that says what the adapter adds.
+    assert options["base_memory"].lora is None
+    assert dataclasses.replace(options["base_memory"], lora=options["m2v"].lora, out_dir=None) == dataclasses.replace(
+        options["m2v"], out_dir=None)
 
     plan = experiment.plan_experiment(ExperimentConfig(**base, contiguous_adapter=str(models / "contiguous")))
     assert not plan.skipped

@@ -131,6 +131,8 @@ CONDITIONS: dict[str, Condition] = {c.name: c for c in (
     Condition("independent", "base model, no adapter, no memory, no continuation: each shot from its prompt",
               render=dict(memory_source="none", continuation="none")),
     Condition("m2v", "base + adapter, keyframe memory with sink + window (max 10, sink 3)", adapter="adapter"),
+    Condition("base_memory", "base model alone (no adapter) with the same memory and continuation as m2v: what the "
+              "adapter adds"),
     Condition("first_frame_memory", "base + adapter, memory = the first frame of each shot", adapter="adapter",
               render=dict(memory_source="first-frame")),
     Condition("no_sink", "base + adapter, sink 0 (sliding window only)", adapter="adapter", render=dict(sink=0)),
@@ -386,7 +388,8 @@ def render_options(config: ExperimentConfig, condition: Condition, out_dir: Path
     options = RenderOptions(
         out_dir=out_dir, base=config.base, lora=adapter, dtype=config.dtype, height=height, width=width,
         area=config.area, frames=config.frames, steps=config.steps, guidance=config.guidance,
-        memory_guidance=config.memory_guidance, first_shot=config.first_shot, shift=shift, negative_prompt=TOY_DEFAULTS["negative_prompt"], seed=config.render_seed,
+        memory_guidance=config.memory_guidance, first_shot=config.first_shot, shift=shift,
+        negative_prompt=TOY_DEFAULTS["negative_prompt"], seed=config.render_seed,
         embedder=TOY_DEFAULTS["embedder"], aesthetic=TOY_DEFAULTS["aesthetic"], device=device, progress=False,
     )
     return dataclasses.replace(options, **condition.render)
