@@ -128,6 +128,7 @@ class RenderOptions:
     out_dir: Path = Path("outputs/story")
     base: str = DEFAULT_BASE
     lora: Optional[str] = None
+    lora_scale: float = 1.0
     t2v_model: Optional[str] = None
     first_image: Optional[Path] = None
     reference_images: list[Path] = field(default_factory=list)
@@ -177,6 +178,8 @@ class RenderOptions:
         return {
             "base": self.base,
             "lora": self.lora,
+            # Only when set, so renders made before the option existed still resume.
+            **({"lora_scale": self.lora_scale} if self.lora_scale != 1.0 else {}),
             "t2v_model": self.t2v_model,
             "first_image": _file_record(self.first_image),
             "reference_images": [_file_record(p) for p in self.reference_images],
@@ -306,11 +309,21 @@ def load_render_pipeline(options: RenderOptions, shared: Optional[dict] = None, 
     pipe = load_pipeline(options, shared=shared)
     if options.lora:
         _load_adapter(pipe, options.lora)
+        if options.lora_scale != 1.0:
+            set_adapter_scale(pipe, options.lora_scale)
     if options.attention_backend and options.parallel == "none":
         for model in (pipe.transformer, pipe.transformer_2):
             if model is not None:
                 model.set_attention_backend(options.attention_backend)
     return _place(pipe, options, device or options.resolved_device())
+
+
+def set_adapter_scale(pipe, scale: float, adapter_name: str = "storymem") -> None:
+    """Weigh the loaded StoryMem adapter by ``scale`` in every expert that has it (diffusers' ``set_adapters``,
+    as for any LoRA): 0 is the base alone, 1 the adapter as trained."""
+    for model in (pipe.transformer, getattr(pipe, "transformer_2", None)):
+        if model is not None and adapter_name in (getattr(model, "peft_config", None) or {}):
+            model.set_adapters(adapter_name, weights=scale)
 
 
 @contextlib.contextmanager
@@ -633,6 +646,10 @@ def _validate_options(options: RenderOptions, story) -> None:
             raise RenderError(f"{flag} {value}: not found")
     if o.lora == "tiny":
         raise RenderError("--lora tiny: there is no random adapter; --lora toy is the small world's adapter")
+    if not (math.isfinite(o.lora_scale) and o.lora_scale >= 0):
+        raise RenderError(f"--lora-scale {o.lora_scale}: must be a finite number >= 0")
+    if o.lora_scale != 1.0 and not o.lora:
+        raise RenderError(f"--lora-scale {o.lora_scale}: there is no --lora to scale")
     if o.is_toy and o.t2v_model:
         raise RenderError("--t2v-model needs a real --base (the toy model has no T2V counterpart)")
 
@@ -1210,6 +1227,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   f"'tiny' (random weights, smoke runs) (default: {DEFAULT_BASE})")
     g.add_argument("--lora", help="StoryMem adapter: storymem adapter folder, published Wan2.2-MI2V-A14B / "
                                   "Wan2.2-MM2V-A14B folder, hub id, or 'toy' (the small world's adapter)")
+    g.add_argument("--lora-scale", type=float, default=1.0,
+                   help="weight of the adapter's LoRA layers (1: as trained; 0: the base alone)")
     g.add_argument("--t2v-model", help="Wan2.2-T2V-A14B diffusers folder or hub id for the first shot")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype (auto: bfloat16 on CUDA, float32 for the toy model or on CPU); the VAE "
@@ -1298,6 +1317,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[Any, RenderOptions]:
         out_dir=Path(args.out or default_out),
         base=base,
         lora=lora,
+        lora_scale=args.lora_scale,
         t2v_model=args.t2v_model,
         first_image=Path(args.first_image) if args.first_image else None,
         reference_images=[Path(p) for p in args.reference_images],

@@ -217,6 +217,8 @@ BAD = {
                                                                                          str(_png(tmp / "b.png"))],
                                "only one"),
     "sink above max memory": (lambda tmp: ["--max-memory", "2", "--sink", "3"], "--sink 3"),
+    "lora scale without an adapter": (lambda tmp: ["--lora-scale", "0.5"], "no --lora to scale"),
+    "negative lora scale": (lambda tmp: ["--lora-scale", "-1"], "--lora-scale -1.0"),
     "from-shot out of range": (lambda tmp: ["--from-shot", "9"], "--from-shot 9"),
 }
 
@@ -335,10 +337,18 @@ def test_first_shot_base_draws_shot_1_with_the_adapter_off(tmp_path, spy):
     story = _story(tmp_path, {"prompts": ["a red circle", "a blue square"]}, name="s.json")
     lora = ["--lora", str(tmp_path / "adapter")]
     runs = {}
-    for name, extra in (("base_first", [*lora, "--first-shot", "base"]), ("m2v_first", lora), ("no_adapter", [])):
+    for name, extra in (("base_first", [*lora, "--first-shot", "base"]), ("m2v_first", lora), ("no_adapter", []),
+                        ("scale_0", [*lora, "--lora-scale", "0"]), ("scale_half", [*lora, "--lora-scale", "0.5"])):
         spy.clear()
         assert main(_args(story, tmp_path / name, *extra)) == 0
         runs[name] = [c["frames"] for c in spy]
+    # --lora-scale weighs the adapter (diffusers' set_adapters): 0 is the base alone, 0.5 neither.
+    for shot in range(2):
+        np.testing.assert_array_equal(runs["scale_0"][shot], runs["no_adapter"][shot])
+        assert not np.array_equal(runs["scale_half"][shot], runs["no_adapter"][shot])
+        assert not np.array_equal(runs["scale_half"][shot], runs["m2v_first"][shot])
+    assert json.loads((tmp_path / "scale_half" / "manifest.json").read_text())["settings"]["lora_scale"] == 0.5
+    assert "lora_scale" not in json.loads((tmp_path / "m2v_first" / "manifest.json").read_text())["settings"]
     # Shot 1 is the base's own (adapter off); with the default it goes through the adapter.
     np.testing.assert_array_equal(runs["base_first"][0], runs["no_adapter"][0])
     assert not np.array_equal(runs["m2v_first"][0], runs["no_adapter"][0])

@@ -223,6 +223,12 @@ def test_default_conditions_and_the_contiguous_rows(models, tmp_path):
     plan = experiment.plan_experiment(ExperimentConfig(**base, memory_guidance=2.0, first_shot="base"))
     m2v = plan.jobs["m2v"][0][1].options
     assert (m2v.memory_guidance, m2v.first_shot) == (2.0, "base")
+    # The adapter's weight goes to the adapter rows only.
+    plan = experiment.plan_experiment(ExperimentConfig(**base, lora_scale=0.5))
+    scales = {name: jobs[0][1].options.lora_scale for name, jobs in plan.jobs.items()}
+    assert scales["m2v"] == scales["no_sink"] == 0.5 and scales["base_memory"] == scales["independent"] == 1.0
+    with pytest.raises(ExperimentError, match="--lora-scale -1"):
+        experiment.plan_experiment(ExperimentConfig(**base, lora_scale=-1.0))
 
 
 # ---------------------------------------------------------------------------------------------- bad input

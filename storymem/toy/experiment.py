@@ -15,6 +15,8 @@ index), and every shot is judged by the toy world's ground-truth :class:`~storym
   written and read back as H.264 like every render: the detector's ceiling, no model;
 * ``independent`` - the base model alone, no adapter, no memory, no continuation: each shot from its prompt;
 * ``m2v`` - base + M2V adapter, keyframe memory with sink + window (render defaults: 10 frames, sink 3);
+* ``base_memory`` - the base alone with m2v's memory and continuation: what the adapter adds to what the base
+  makes of memory by itself;
 * ``first_frame_memory`` - base + adapter, the memory holds each finished shot's first frame instead;
 * ``no_sink`` - base + adapter, sink 0 (a pure sliding window: the first shots fall out of memory);
 * ``contiguous_rope`` - base + an adapter trained with contiguous RoPE, rendered with contiguous RoPE (needs
@@ -170,6 +172,7 @@ class ExperimentConfig:
     guidance: float = 3.5
     memory_guidance: float = 1.0
     first_shot: str = "m2v"
+    lora_scale: float = 1.0  # weight of the adapter's LoRA layers in the adapter rows
     shift: Optional[float] = None
     render_seed: int = 0
     count: int = 20
@@ -386,7 +389,8 @@ def render_options(config: ExperimentConfig, condition: Condition, out_dir: Path
 
     adapter = adapters[condition.adapter]["path"] if condition.adapter else None
     options = RenderOptions(
-        out_dir=out_dir, base=config.base, lora=adapter, dtype=config.dtype, height=height, width=width,
+        out_dir=out_dir, base=config.base, lora=adapter, lora_scale=config.lora_scale if adapter else 1.0,
+        dtype=config.dtype, height=height, width=width,
         area=config.area, frames=config.frames, steps=config.steps, guidance=config.guidance,
         memory_guidance=config.memory_guidance, first_shot=config.first_shot, shift=shift,
         negative_prompt=TOY_DEFAULTS["negative_prompt"], seed=config.render_seed,
@@ -406,6 +410,8 @@ def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
         raise ExperimentError(f"--steps {config.steps}: must be >= 1")
     if not (math.isfinite(config.memory_guidance) and config.memory_guidance >= 0):
         raise ExperimentError(f"--memory-guidance {config.memory_guidance}: must be a finite number >= 0 (1 = off)")
+    if not (math.isfinite(config.lora_scale) and config.lora_scale >= 0):
+        raise ExperimentError(f"--lora-scale {config.lora_scale}: must be a finite number >= 0 (1 = as trained)")
     if (config.height is None) != (config.width is None):
         raise ExperimentError("give both --height and --width, or neither (a square of --area)")
     if config.base != "toy" and not (Path(config.base) / "model_index.json").is_file():
@@ -750,6 +756,7 @@ def format_table(results: dict) -> str:
         f"guidance {settings['guidance']}, "
         + (f"memory guidance {settings['memory_guidance']}, " if "memory_guidance" in settings else "")
         + ("shot 1 from the base alone, " if settings.get("first_shot") == "base" else "")
+        + (f"adapter weighed {settings['lora_scale']}, " if "lora_scale" in settings else "")
         + f"shift {settings['shift']}, empty negative prompt, seed "
         f"{settings['render_seed']} + shot index.",
         "identity: share of shots whose detected character is the ground truth (± standard error over stories); "
@@ -778,6 +785,7 @@ def _settings(plan: ExperimentPlan) -> dict:
             "steps": config.steps, "guidance": config.guidance,
             **({"memory_guidance": config.memory_guidance} if config.memory_guidance != 1.0 else {}),
             **({"first_shot": config.first_shot} if config.first_shot != "m2v" else {}),
+            **({"lora_scale": config.lora_scale} if config.lora_scale != 1.0 else {}),
             "shift": plan.shift, "dtype": config.dtype,
             "render_seed": config.render_seed, "negative_prompt": "", "embedder": "pixel", "aesthetic": "none"}
 
@@ -866,6 +874,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "base alone with the adapter off, as StoryMem draws it with its T2V model")
     p.add_argument("--memory-guidance", type=float, default=1.0,
                    help="guidance towards the memory frames in the memory conditions (1 = off)")
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="weight of the adapter's LoRA layers in the adapter rows (render's --lora-scale)")
     p.add_argument("--shift", type=float, help="UniPC flow shift (default: the base's scheduler's)")
     p.add_argument("--render-seed", type=int, default=0, help="shot seed = this + shot index (every condition)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -880,6 +890,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         contiguous_adapter=args.contiguous_adapter, conditions=args.conditions, device=args.device, dtype=args.dtype,
         area=args.area, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
         guidance=args.guidance, memory_guidance=args.memory_guidance, first_shot=args.first_shot,
+        lora_scale=args.lora_scale,
         shift=args.shift, render_seed=args.render_seed, count=args.count,
         story_seed=args.seed, num_shots=args.num_shots, max_shots=args.max_shots, limit_stories=args.limit_stories,
         progress=not args.no_progress)
