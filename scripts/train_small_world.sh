@@ -18,7 +18,8 @@
 # (unset: none; p: on image-to-video and memory steps, the share of captions that say only "the same
 # character ..."), CONTINUE_FREEZE_TEXT (set: the text encoder stays as it is),
 # DECODER_MINUTES (6.5),
-# LORA_MINUTES (4), LORA_BATCH (16), LORA_WORKERS (2),
+# LORA_MINUTES (4), LORA_BATCH (16), LORA_WORKERS (2), LORA_LR (3e-4), LORA_WARMUP (100), LORA_STEPS (100000: the
+# step limit; LORA_MINUTES the time limit),
 # LORA_CHECKPOINT_STEPS (100000), LORA_RESUME (set: continue both adapters from their latest checkpoints),
 # LORA_CAPTION_DROPOUT and LORA_MI2V_PROB (train_lora.py's defaults when unset),
 # LORA_SUBJECT_WEIGHT (unset: a plain loss; w: the character's latent cells weigh w, needs CLIP_MASKS),
@@ -34,7 +35,14 @@
 # refine, continue twice (seeds 3 and 4, 7.6 and 7.5 minutes; decoder ran beside the second), continue three more
 # times with CONTINUE_BATCH=256 CONTINUE_LR=1.2e-4 CONTINUE_WARMUP=100 CONTINUE_MINUTES=7.4 (seeds 5, 6, 7: a lower
 # learning rate than the first rounds, whose loss rose again at 3e-4) and four more the same way (seeds 8-11; seed
-# 10 for 6.7 minutes), assemble, clips prepare lora (LORA_BATCH=32 LORA_WORKERS=4 LORA_MINUTES=5.85). A
+# 10 for 6.7 minutes); two rounds with cuts (CONTINUE_CUT_PROB=0.6 CONTINUE_LR=2e-4, 9.5 and 11.75 minutes), one
+# more on four GPUs (CONTINUE_GPUS=4 CONTINUE_SEED=14 CONTINUE_CUT_PROB=0.5 CONTINUE_LR=2e-4 CONTINUE_MINUTES=9) and
+# one in the memory layout on two (CONTINUE_GPUS=2 CONTINUE_SEED=15 CONTINUE_CUT_PROB=0.25 CONTINUE_LR=2e-4
+# CONTINUE_MEMORY_PROB=0.5 CONTINUE_MEMORY_DISTRACTOR=0.3 CONTINUE_REFERENTIAL=0.5 CONTINUE_FREEZE_TEXT=1
+# CONTINUE_MINUTES=7; batch 256 in these four, warm-up 100 in the last two), assemble, then clips prepare lora with
+# CLIP_IDENTITIES=1800 CLIPS_PER_IDENTITY=4 CLIP_REFERENTIAL=0.75 CLIP_MASKS=1 LORA_BATCH=32 LORA_WORKERS=4
+# LORA_LR=1e-4 LORA_WARMUP=200 LORA_STEPS=3000 LORA_MINUTES=13 LORA_CAPTION_DROPOUT=0.3 LORA_MI2V_PROB=0.3
+# LORA_SUBJECT_WEIGHT=30 (the two adapters on one GPU each, about 4 minutes). A
 # decoder-only VAE leaves the latents as they were, so continue rounds and
 # the decoder can run in any order; assemble puts the newest transformer and the tuned decoder together.
 set -euo pipefail
@@ -125,8 +133,8 @@ make_clip_dataset('$RUN/clips', num_identities=${CLIP_IDENTITIES:-160}, clips_pe
         config=lora_configs/toy_m2v.json
         [ "$rope" = contiguous ] && config=lora_configs/toy_m2v_contiguous.json
         $PY train_lora.py train --config "$config" --data "$RUN/prepared" --base "$(final_base)" \
-          --output "$RUN/lora_$rope" --expert all --flow-shift 3 --train-batch-size "${LORA_BATCH:-16}" --learning-rate 3e-4 \
-          --lr-scheduler constant_with_warmup --lr-warmup-steps 100 --max-train-steps 100000 \
+          --output "$RUN/lora_$rope" --expert all --flow-shift 3 --train-batch-size "${LORA_BATCH:-16}" --learning-rate "${LORA_LR:-3e-4}" \
+          --lr-scheduler constant_with_warmup --lr-warmup-steps "${LORA_WARMUP:-100}" --max-train-steps "${LORA_STEPS:-100000}" \
           --max-train-minutes "${LORA_MINUTES:-4}" --checkpointing-steps "${LORA_CHECKPOINT_STEPS:-100000}" --no-gradient-checkpointing \
           --mixed-precision bf16 --dataloader-num-workers "${LORA_WORKERS:-2}" ${LORA_RESUME:+--resume latest} \
           ${LORA_CAPTION_DROPOUT:+--caption-dropout $LORA_CAPTION_DROPOUT} ${LORA_MI2V_PROB:+--mi2v-prob $LORA_MI2V_PROB} \

@@ -24,6 +24,10 @@ def test_shipped_weights_are_complete_and_small():
     assert info["adapter"]["steps"] > 0 and info["base"]["transformer_steps"] > 0
     adapter = json.loads((pretrained.ADAPTER_DIR / "storymem_adapter.json").read_text())
     assert adapter["memory_rope"] == "negative" and adapter["experts"] == ["transformer"]
+    # The recipe's config is the one the shipped adapter was trained with.
+    recipe = json.loads((pretrained.WEIGHTS_DIR.parents[2] / "lora_configs" / "toy_m2v.json").read_text())
+    keys = ("rank", "alpha", "use_rslora", "target_modules", "memory_rope", "memory_rope_stride", "conditioning")
+    assert {k: adapter[k] for k in keys} == {k: recipe[k] for k in keys}
 
 
 def test_missing_weights_are_named(tmp_path, monkeypatch):

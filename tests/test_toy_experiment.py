@@ -229,6 +229,11 @@ def test_default_conditions_and_the_contiguous_rows(models, tmp_path):
     assert scales["m2v"] == scales["no_sink"] == 0.5 and scales["base_memory"] == scales["independent"] == 1.0
     with pytest.raises(ExperimentError, match="--lora-scale -1"):
         experiment.plan_experiment(ExperimentConfig(**base, lora_scale=-1.0))
+    # 'toy' names the shipped adapter, as --base toy names the shipped base.
+    from storymem.toy.pretrained import ADAPTER_DIR
+    plan = experiment.plan_experiment(ExperimentConfig(**{**base, "adapter": "toy"}))
+    assert plan.jobs["m2v"][0][1].options.lora == str(ADAPTER_DIR.resolve())
+    assert plan.adapters["adapter"]["memory_rope"] == "negative"
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -349,7 +349,10 @@ def resolve_conditions(names: Optional[Sequence[str]], adapter: Optional[str],
 def _adapter_info(path: str, flag: str) -> dict:
     from ..lora import ADAPTER_CONFIG_NAME, AdapterError, StoryMemLoraConfig
 
-    folder = Path(path)
+    from .pretrained import ADAPTER_DIR
+
+    # 'toy': the shipped adapter, as --base toy is the shipped base.
+    folder = ADAPTER_DIR if path == "toy" else Path(path)
     if not folder.is_dir():
         raise ExperimentError(f"{flag} {path}: adapter folder not found")
     info = {"path": str(folder.resolve()), "memory_rope": None, "conditioning": None}
@@ -847,7 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Rerun the same command to resume.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base", required=True, help="toy base model folder (storymem.toy.train_base), or 'toy'")
-    p.add_argument("--adapter", help="M2V adapter folder (train_lora.py), trained with negative RoPE")
+    p.add_argument("--adapter", help="M2V adapter folder (train_lora.py), trained with negative RoPE, or 'toy'")
     p.add_argument("--contiguous-adapter", help="adapter trained with contiguous RoPE (row contiguous_rope)")
     p.add_argument("--stories", required=True, help="toy story set folder (made there when missing or empty)")
     p.add_argument("--count", type=int, default=20, help="stories to make when --stories is missing")
