@@ -119,6 +119,15 @@ def _add_train_args(p: argparse.ArgumentParser):
                           "'mask' videos), against 1 for the rest; default 1 (a plain mean)")
     rec.add_argument("--caption-dropout", type=float, default=d.caption_dropout,
                      help="probability of training a sample on the empty prompt")
+    rec.add_argument("--no-memory-prob", type=float, default=d.no_memory_prob,
+                     help="share of batches without memory frames, as a story's first shot (default 0)")
+    rec.add_argument("--distractor-prob", type=float, default=d.distractor_prob,
+                     help="share of samples with 3+ memory frames in which one frame comes from a clip of another "
+                          "cluster, as a story's bank holds other characters' shots (default 0)")
+    rec.add_argument("--preserve-base-weight", type=float, default=d.preserve_base_weight,
+                     help="on batches without memory, add this weight times the squared distance to the base's "
+                          "own prediction (adapter off), so the adapter leaves memory-free shots as the base "
+                          "draws them; needs --no-memory-prob (default 0: off)")
     ck = p.add_argument_group("checkpoints and logs")
     ck.add_argument("--checkpointing-steps", type=int, default=d.checkpointing_steps)
     ck.add_argument("--checkpoints-total-limit", type=int, default=None)
@@ -174,7 +183,9 @@ def run_train(args) -> int:
         flow_shift=args.flow_shift, boundary_ratio=args.boundary_ratio, min_memory=args.min_memory,
         max_memory=args.max_memory, mi2v_prob=args.mi2v_prob, loss_on_memory=args.loss_on_memory,
         subject_loss_weight=args.subject_loss_weight,
-        caption_dropout=args.caption_dropout, checkpointing_steps=args.checkpointing_steps,
+        caption_dropout=args.caption_dropout, no_memory_prob=args.no_memory_prob,
+        distractor_prob=args.distractor_prob, preserve_base_weight=args.preserve_base_weight,
+        checkpointing_steps=args.checkpointing_steps,
         checkpoints_total_limit=args.checkpoints_total_limit, resume_from_checkpoint=args.resume,
         validation_steps=args.validation_steps, validation_shots=args.validation_shots,
         validation_inference_steps=args.validation_inference_steps,

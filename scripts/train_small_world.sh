@@ -23,6 +23,8 @@
 # LORA_CHECKPOINT_STEPS (100000), LORA_RESUME (set: continue both adapters from their latest checkpoints),
 # LORA_CAPTION_DROPOUT and LORA_MI2V_PROB (train_lora.py's defaults when unset),
 # LORA_SUBJECT_WEIGHT (unset: a plain loss; w: the character's latent cells weigh w, needs CLIP_MASKS),
+# LORA_NO_MEMORY_PROB, LORA_DISTRACTOR_PROB, LORA_PRESERVE_WEIGHT (train_lora.py's --no-memory-prob,
+# --distractor-prob, --preserve-base-weight; off when unset),
 # CLIP_IDENTITIES (160), CLIPS_PER_IDENTITY (12), CLIP_REFERENTIAL (0.25: the share of clip captions that refer to the
 # character instead of naming it; half of those say only "the same character"), CLIP_SCENES (unset: a new scene per
 # clip; k: each character's clips share k scenes), CLIP_MASKS (set: also write where the character is, for
@@ -39,10 +41,12 @@
 # more on four GPUs (CONTINUE_GPUS=4 CONTINUE_SEED=14 CONTINUE_CUT_PROB=0.5 CONTINUE_LR=2e-4 CONTINUE_MINUTES=9) and
 # one in the memory layout on two (CONTINUE_GPUS=2 CONTINUE_SEED=15 CONTINUE_CUT_PROB=0.25 CONTINUE_LR=2e-4
 # CONTINUE_MEMORY_PROB=0.5 CONTINUE_MEMORY_DISTRACTOR=0.3 CONTINUE_REFERENTIAL=0.5 CONTINUE_FREEZE_TEXT=1
-# CONTINUE_MINUTES=7; batch 256 in these four, warm-up 100 in the last two), assemble, then clips prepare lora with
-# CLIP_IDENTITIES=1800 CLIPS_PER_IDENTITY=4 CLIP_REFERENTIAL=0.75 CLIP_MASKS=1 LORA_BATCH=32 LORA_WORKERS=4
+# CONTINUE_MINUTES=7) and one more in it on one GPU (CONTINUE_SEED=16 CONTINUE_CUT_PROB=0.25 CONTINUE_LR=2e-4
+# CONTINUE_MEMORY_PROB=0.7 CONTINUE_MEMORY_DISTRACTOR=0.3 CONTINUE_REFERENTIAL=0.8 CONTINUE_FREEZE_TEXT=1
+# CONTINUE_MINUTES=10.5; batch 256 in these five, warm-up 100 in the last three), assemble, then clips prepare lora
+# with CLIP_IDENTITIES=1800 CLIPS_PER_IDENTITY=4 CLIP_REFERENTIAL=0.75 CLIP_MASKS=1 LORA_BATCH=32 LORA_WORKERS=4
 # LORA_LR=1e-4 LORA_WARMUP=200 LORA_STEPS=3000 LORA_MINUTES=13 LORA_CAPTION_DROPOUT=0.3 LORA_MI2V_PROB=0.3
-# LORA_SUBJECT_WEIGHT=30 (the two adapters on one GPU each, about 4 minutes). A
+# LORA_SUBJECT_WEIGHT=30 LORA_DISTRACTOR_PROB=0.5 (about 7 minutes on an H200 that ran other jobs beside it). A
 # decoder-only VAE leaves the latents as they were, so continue rounds and
 # the decoder can run in any order; assemble puts the newest transformer and the tuned decoder together.
 set -euo pipefail
@@ -139,6 +143,9 @@ make_clip_dataset('$RUN/clips', num_identities=${CLIP_IDENTITIES:-160}, clips_pe
           --mixed-precision bf16 --dataloader-num-workers "${LORA_WORKERS:-2}" ${LORA_RESUME:+--resume latest} \
           ${LORA_CAPTION_DROPOUT:+--caption-dropout $LORA_CAPTION_DROPOUT} ${LORA_MI2V_PROB:+--mi2v-prob $LORA_MI2V_PROB} \
           ${LORA_SUBJECT_WEIGHT:+--subject-loss-weight $LORA_SUBJECT_WEIGHT} \
+          ${LORA_NO_MEMORY_PROB:+--no-memory-prob $LORA_NO_MEMORY_PROB} \
+          ${LORA_DISTRACTOR_PROB:+--distractor-prob $LORA_DISTRACTOR_PROB} \
+          ${LORA_PRESERVE_WEIGHT:+--preserve-base-weight $LORA_PRESERVE_WEIGHT} \
           >> "$RUN/lora_$rope.log" 2>&1 &
       done
       wait

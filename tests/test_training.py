@@ -295,6 +295,46 @@ def test_subject_loss_weight_is_a_weighted_mean_over_the_masked_cells(tiny_compo
                            subject_loss_weight=2.0)
 
 
+def test_preserve_base_weight_holds_memory_free_batches_to_the_base(tiny_components):
+    from peft import LoraConfig
+
+    from storymem.training.trainer import _base_only
+
+    transformer = tiny_components["transformer"]
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="t")
+    z = transformer.config.out_channels
+    g = torch.Generator().manual_seed(2)
+    batch = {"latents": torch.randn(1, z, 3, 4, 4, generator=g),
+             "memory_latents": torch.zeros(1, z, 0, 4, 4), "video_condition": torch.randn(1, z, 3, 4, 4, generator=g),
+             "num_frames": 9, "num_context_frames": 0,
+             "prompt_embeds": torch.randn(1, 8, transformer.config.text_dim, generator=g)}
+
+    def loss(batch, **kw):
+        with torch.no_grad():
+            return flow_matching_loss(transformer, batch, generator=torch.Generator().manual_seed(0),
+                                      base_only=lambda: _base_only(transformer), return_errors=True, **kw)
+
+    plain, plain_info = loss(batch)
+    held, info = loss(batch, preserve_base_weight=2.0)
+    assert torch.allclose(held, plain + 2.0 * info["preserve_loss"], rtol=1e-5)
+    # The distance is to the base's own prediction, the same model with its adapter off: the two predictions'
+    # difference is what separates their errors against the same target.
+    with _base_only(transformer):
+        _, base_info = loss(batch)
+        _, off_info = loss(batch, preserve_base_weight=2.0)
+    assert float(info["preserve_loss"]) > 1e-6
+    assert not torch.allclose(plain_info["errors"], base_info["errors"])
+    assert float(off_info["preserve_loss"]) == 0.0  # adapter off: nothing to hold back
+    # Batches with memory frames are left to the data's loss.
+    with_memory = dict(batch, memory_latents=torch.randn(1, z, 2, 4, 4, generator=g))
+    a, _ = loss(with_memory)
+    b, b_info = loss(with_memory, preserve_base_weight=2.0)
+    assert torch.equal(a, b) and "preserve_loss" not in b_info
+    with pytest.raises(ValueError, match="base_only"):
+        flow_matching_loss(transformer, batch, preserve_base_weight=1.0)
+
+
 # ---------------------------------------------------------------------------------------------- parity
 def test_training_condition_equals_the_pipelines(prepared, tiny_pipe):
     """The cached memory / first-frame latents, assembled by the trainer, give the tensors StoryMemPipeline
@@ -457,6 +497,33 @@ def test_train_rejects_mismatched_settings_before_loading_models(prepared, lora_
         train(_train_config(prepared, lora_config_file, tmp_path / "d", subject_loss_weight=4.0))
     with pytest.raises(ValueError, match="subject_loss_weight must be > 0"):
         train(_train_config(prepared, lora_config_file, tmp_path / "e", subject_loss_weight=0.0))
+    with pytest.raises(ValueError, match="no_memory_prob"):
+        train(_train_config(prepared, lora_config_file, tmp_path / "f", preserve_base_weight=1.0))
+
+
+def test_training_with_memory_free_batches_held_to_the_base_and_distractors(prepared, lora_config_file, tmp_path):
+    logged = []
+    config = _train_config(prepared, lora_config_file, tmp_path / "run", max_train_steps=6, min_memory=3,
+                           max_memory=4, no_memory_prob=0.5, distractor_prob=1.0, preserve_base_weight=1.0)
+    from storymem.training import trainer
+
+    original = trainer.flow_matching_loss
+
+    def spy(model, batch, **kw):
+        loss, info = original(model, batch, **kw)
+        logged.append((info["num_memory_frames"], "preserve_loss" in info, [int(c) for c in batch["clips"]]))
+        return loss, info
+
+    trainer.flow_matching_loss = spy
+    try:
+        result = train(config)
+    finally:
+        trainer.flow_matching_loss = original
+    assert result.global_step == 6 and all(np.isfinite(result.losses))
+    assert {fm == 0 for fm, _, _ in logged} == {True, False}  # both kinds of batch occurred
+    assert all(held == (fm == 0) for fm, held, _ in logged)
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())["train"]
+    assert saved["preserve_base_weight"] == 1.0 and saved["distractor_prob"] == 1.0
 
 
 def test_bench_train_step_runs_tiny():

@@ -149,6 +149,38 @@ def test_memory_ordered_by_clip_then_time():
             assert frames == sorted(frames)
 
 
+def test_no_memory_batches_and_distractors_from_another_cluster():
+    cluster_of = {i: set(c) for c in CLUSTERS for i in c}
+    sampler = _sampler(min_memory=4, max_memory=10, no_memory_prob=0.3, distractor_prob=0.5)
+    batches, counts, with_distractor, eligible = [], Counter(), 0, 0
+    for epoch in range(40):
+        sampler.epoch = epoch
+        batches += list(sampler)
+    for batch in batches:
+        n = len(batch[0].memory)
+        counts[n == 0] += 1
+        for spec in batch:
+            assert len(spec.memory) == n and len(set(spec.memory)) == n
+            clips = [c for c, _ in spec.memory]
+            assert spec.clip not in clips
+            foreign = [c for c in clips if c not in cluster_of[spec.clip]]
+            assert len(foreign) <= 1  # at most one distractor, always from another cluster
+            if n >= 3:
+                eligible += 1
+                with_distractor += bool(foreign)
+            else:
+                assert not foreign
+    assert 0.2 < counts[True] / sum(counts.values()) < 0.4
+    assert 0.4 < with_distractor / eligible < 0.6
+    # Without the options a run draws exactly the batches it drew before they existed.
+    plain, off = _sampler(), _sampler(no_memory_prob=0.0, distractor_prob=0.0)
+    assert list(plain) == list(off)
+    with pytest.raises(ValueError, match="no_memory_prob"):
+        _sampler(no_memory_prob=1.5)
+    with pytest.raises(ValueError, match="two or more clusters"):
+        _sampler(clusters=[list(range(6))], memory_counts=[3] * 6, distractor_prob=0.5)
+
+
 def test_sampler_rejects_bad_settings():
     with pytest.raises(ValueError, match="two or more"):
         MemoryBatchSampler([[0], [1]], [1, 1])

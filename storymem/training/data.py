@@ -35,10 +35,14 @@ class MemoryBatchSampler:
     """Yields batches (lists) of :class:`SampleSpec`.
 
     Per epoch, every clip of a cluster with two or more clips is a target once (shuffled). Per batch: a
-    memory count ``n ~ U{min_memory..max_memory}`` (capped by the smallest memory pool in the batch) and a
-    conditioning (``context`` with probability ``context_prob``, else M2V). Per sample: ``n`` memory frames
-    drawn without replacement from the memory candidates of the *other* clips in the target's cluster, then
-    ordered by clip (clips in random order) and by time within a clip, like keyframes of successive shots.
+    memory count ``n ~ U{min_memory..max_memory}`` (capped by the smallest memory pool in the batch), or none
+    with probability ``no_memory_prob`` (a story's first shot has no memory), and a conditioning (``context``
+    with probability ``context_prob``, else M2V). Per sample: ``n`` memory frames drawn without replacement
+    from the memory candidates of the *other* clips in the target's cluster, then ordered by clip (clips in
+    random order) and by time within a clip, like keyframes of successive shots. With probability
+    ``distractor_prob`` a sample of three or more memory frames has one of them replaced by a frame of a clip
+    from another cluster, at a random place: a story's bank also holds other characters' shots, and the
+    adapter has to follow the frames that agree with the caption and with each other, not every frame.
 
     Set :attr:`epoch` before iterating (the trainer does); accelerate wraps this sampler for distributed runs
     (``batch_size`` and ``drop_last`` are what it reads).
@@ -46,13 +50,16 @@ class MemoryBatchSampler:
 
     def __init__(self, clusters: list[list[int]], memory_counts: list[int], batch_size: int = 1,
                  min_memory: int = 1, max_memory: int = 10, context: Optional[str] = None,
-                 context_prob: float = 0.0, caption_dropout: float = 0.0, seed: int = 0):
+                 context_prob: float = 0.0, caption_dropout: float = 0.0, no_memory_prob: float = 0.0,
+                 distractor_prob: float = 0.0, seed: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= min_memory <= max_memory:
             raise ValueError(f"need 0 <= min_memory <= max_memory, got {min_memory}, {max_memory}")
-        if not 0.0 <= context_prob <= 1.0 or not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError("context_prob and caption_dropout must be probabilities in [0, 1]")
+        for name, value in (("context_prob", context_prob), ("caption_dropout", caption_dropout),
+                            ("no_memory_prob", no_memory_prob), ("distractor_prob", distractor_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
         if context_prob > 0 and context is None:
             raise ValueError("context_prob > 0 needs a context kind ('mi2v' or 'mm2v')")
         if context is not None and context not in CONTEXT_KINDS:
@@ -70,6 +77,9 @@ class MemoryBatchSampler:
         self.min_memory, self.max_memory = min_memory, max_memory
         self.context, self.context_prob = context, context_prob
         self.caption_dropout = caption_dropout
+        self.no_memory_prob, self.distractor_prob = no_memory_prob, distractor_prob
+        if distractor_prob > 0 and len(self.clusters) < 2:
+            raise ValueError("distractor_prob > 0 needs two or more clusters (distractors come from another one)")
         self.seed = seed
         self.epoch = 0
 
@@ -88,6 +98,9 @@ class MemoryBatchSampler:
             targets = order[b * self.batch_size:(b + 1) * self.batch_size]
             pools = [self.memory_pool(t) for t in targets]
             n = min(rng.randint(self.min_memory, self.max_memory), *(len(p) for p in pools))
+            # Extra draws only when asked for, so runs without these options keep their batches.
+            if self.no_memory_prob > 0 and rng.random() < self.no_memory_prob:
+                n = 0
             context = self.context if self.context_prob > 0 and rng.random() < self.context_prob else None
             batch = []
             for target, pool in zip(targets, pools):
@@ -96,9 +109,25 @@ class MemoryBatchSampler:
                 rng.shuffle(clip_order)
                 rank = {c: r for r, c in enumerate(clip_order)}
                 memory = tuple(sorted(picked, key=lambda ref: (rank[ref[0]], ref[1])))
+                if n >= 3 and self.distractor_prob > 0 and rng.random() < self.distractor_prob:
+                    memory = self._with_distractor(memory, target, rng)
                 drop = self.caption_dropout > 0 and rng.random() < self.caption_dropout
                 batch.append(SampleSpec(clip=target, memory=memory, context=context, drop_caption=drop))
             yield batch
+
+
+    def _with_distractor(self, memory: tuple, target: int, rng: random.Random) -> tuple:
+        """``memory`` with one frame replaced by a frame of a clip of another cluster, at a random place."""
+        own = self.cluster_of[target]
+        cluster = own
+        while cluster is own:
+            cluster = self.clusters[rng.randrange(len(self.clusters))]
+        clip = cluster[rng.randrange(len(cluster))]
+        frame = (clip, rng.randrange(self.memory_counts[clip]))
+        memory = list(memory)
+        del memory[rng.randrange(len(memory))]
+        memory.insert(rng.randrange(len(memory) + 1), frame)
+        return tuple(memory)
 
 
 class MemoryClipDataset(torch.utils.data.Dataset):

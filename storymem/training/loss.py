@@ -27,7 +27,8 @@ def flow_matching_loss(model, batch: dict, expert: str = "high", flow_shift: flo
                        loss_on_memory: bool = False, rope_model=None, weight_dtype: Optional[torch.dtype] = None,
                        generator: Optional[torch.Generator] = None, timesteps: Optional[torch.Tensor] = None,
                        temporal_scale: int = 4, return_errors: bool = False,
-                       subject_loss_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+                       subject_loss_weight: float = 1.0, preserve_base_weight: float = 0.0,
+                       base_only=None) -> tuple[torch.Tensor, dict]:
     """Rectified-flow velocity loss of ``model`` on one batch of :func:`~storymem.training.data.collate_samples`.
 
     The noisy input spans memory and target frames alike (as in sampling, where the scheduler steps all
@@ -38,11 +39,19 @@ def flow_matching_loss(model, batch: dict, expert: str = "high", flow_shift: flo
     weighted mean, so the loss keeps its scale): in clips where the subject is small, what memory is for
     (who it is) is otherwise a small share of the loss.
 
+    With ``preserve_base_weight`` w > 0, a batch without memory frames adds
+    ``w * |v - v_base|^2``, where ``v_base`` is the frozen base's own prediction for the same input (the
+    model called with its adapter off, under ``base_only()``): without memory the adapter has nothing to add,
+    so it is held to what the base already does there (a story's first shot, a new character's introduction)
+    and spends itself on what memory adds.
+
     Args:
         model: the (possibly wrapped) transformer to call.
         rope_model: the unwrapped transformer whose rope learns the memory layout (default ``model``).
         generator: CPU generator for timesteps and noise (default: the global RNGs).
         timesteps: fixed integer timesteps ``[B]`` instead of sampling (evaluation).
+        base_only: context manager factory under which ``model`` runs without its adapter (needed with
+            ``preserve_base_weight``).
         return_errors: also return the squared error of every target element, ``info["errors"]``
             ``[B, C, f, h, w]`` (detached), for losses over parts of a clip (evaluation).
     """
@@ -64,9 +73,17 @@ def flow_matching_loss(model, batch: dict, expert: str = "high", flow_shift: flo
     rope_model = rope_model if rope_model is not None else model
     weight_dtype = weight_dtype or rope_model.dtype
     hidden_states = torch.cat([noisy, condition.tensor], dim=1).to(weight_dtype)
+    inputs = dict(hidden_states=hidden_states, timestep=timesteps,
+                  encoder_hidden_states=batch["prompt_embeds"].to(weight_dtype), return_dict=False)
     with memory_rope(rope_model, fm, rope_mode, rope_stride):
-        prediction = model(hidden_states=hidden_states, timestep=timesteps,
-                           encoder_hidden_states=batch["prompt_embeds"].to(weight_dtype), return_dict=False)[0]
+        prediction = model(**inputs)[0]
+    preserve = None
+    if preserve_base_weight > 0 and fm == 0:
+        if base_only is None:
+            raise ValueError("preserve_base_weight needs base_only, a context that turns the adapter off")
+        with torch.no_grad(), base_only(), memory_rope(rope_model, 0, rope_mode, rope_stride):
+            base_prediction = model(**inputs)[0]
+        preserve = F.mse_loss(prediction.float(), base_prediction.float())
     start = 0 if loss_on_memory else fm
     if subject_loss_weight == 1.0:
         loss = F.mse_loss(prediction[:, :, start:].float(), target[:, :, start:].float())
@@ -80,7 +97,11 @@ def flow_matching_loss(model, batch: dict, expert: str = "high", flow_shift: flo
         weights = weights.expand_as(prediction[:, :, start:])
         errors = (prediction[:, :, start:].float() - target[:, :, start:].float()).square()
         loss = (errors * weights).sum() / weights.sum()
+    if preserve is not None:
+        loss = loss + preserve_base_weight * preserve
     info = {"timesteps": timesteps, "num_memory_frames": fm}
+    if preserve is not None:
+        info["preserve_loss"] = preserve.detach()
     if return_errors:
         info["errors"] = (prediction[:, :, fm:].detach().float() - target[:, :, fm:].float()).square()
     return loss, info

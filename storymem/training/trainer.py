@@ -20,7 +20,9 @@ flattened block, so there everything is loaded in fp32 (no memory saved on 2 GPU
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -85,6 +87,9 @@ class TrainConfig:
     loss_on_memory: bool = False
     subject_loss_weight: float = 1.0  # weight of subject cells (prepared subject masks); 1 = a plain mean
     caption_dropout: float = 0.0
+    no_memory_prob: float = 0.0  # share of batches without memory frames (a story's first shot)
+    distractor_prob: float = 0.0  # share of samples (3+ memory frames) with one frame of another cluster
+    preserve_base_weight: float = 0.0  # memory-free batches: weight of |v - v_base|^2 (the base's own prediction)
     checkpointing_steps: int = 500
     checkpoints_total_limit: Optional[int] = None
     resume_from_checkpoint: Optional[str] = None
@@ -109,8 +114,14 @@ class TrainConfig:
             raise TrainingConfigError(f"need 0 <= min_memory <= max_memory, got {self.min_memory}, {self.max_memory}")
         if self.mi2v_prob is not None and not 0 <= self.mi2v_prob <= 1:
             raise TrainingConfigError(f"mi2v_prob must be in [0, 1], got {self.mi2v_prob}")
-        if not 0 <= self.caption_dropout <= 1:
-            raise TrainingConfigError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        for name in ("caption_dropout", "no_memory_prob", "distractor_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise TrainingConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.preserve_base_weight < 0:
+            raise TrainingConfigError(f"preserve_base_weight must be >= 0, got {self.preserve_base_weight}")
+        if self.preserve_base_weight > 0 and self.no_memory_prob == 0 and self.min_memory > 0:
+            raise TrainingConfigError("preserve_base_weight acts on batches without memory frames; give them a "
+                                      "share with no_memory_prob (or min_memory 0)")
         if self.subject_loss_weight <= 0:
             raise TrainingConfigError(f"subject_loss_weight must be > 0, got {self.subject_loss_weight}")
         if self.flow_shift <= 0:
@@ -363,7 +374,8 @@ def train(config: TrainConfig) -> TrainResult:
         sampler = MemoryBatchSampler(
             data.clusters, [data.memory_count] * len(data), batch_size=config.train_batch_size,
             min_memory=config.min_memory, max_memory=config.max_memory, context=context, context_prob=context_prob,
-            caption_dropout=config.caption_dropout, seed=config.seed)
+            caption_dropout=config.caption_dropout, no_memory_prob=config.no_memory_prob,
+            distractor_prob=config.distractor_prob, seed=config.seed)
     except ValueError as e:
         raise TrainingConfigError(f"{data.root}: {e}") from None
     # Its own generator: starting an iterator draws a worker seed, which must not move the global RNG that
@@ -425,7 +437,8 @@ def train(config: TrainConfig) -> TrainResult:
     loss_kwargs = dict(expert=config.expert, flow_shift=config.flow_shift, boundary_ratio=config.boundary_ratio,
                        rope_mode=lora_config.memory_rope, rope_stride=lora_config.memory_rope_stride,
                        loss_on_memory=config.loss_on_memory, rope_model=unwrapped, weight_dtype=weight_dtype,
-                       subject_loss_weight=config.subject_loss_weight)
+                       subject_loss_weight=config.subject_loss_weight,
+                       preserve_base_weight=config.preserve_base_weight, base_only=functools.partial(_base_only, unwrapped))
     progress = tqdm(total=config.max_train_steps, initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     epoch = first_epoch
@@ -456,6 +469,8 @@ def train(config: TrainConfig) -> TrainResult:
             result.losses.append(mean_loss)
             logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0],
                     "memory_frames": info["num_memory_frames"], "timestep": float(info["timesteps"].float().mean())}
+            if "preserve_loss" in info:
+                logs["preserve_loss"] = float(info["preserve_loss"])
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
 
@@ -489,6 +504,16 @@ def train(config: TrainConfig) -> TrainResult:
             "distributed_type": str(accelerator.distributed_type), "adapter_dir": str(result.adapter_dir)})
     accelerator.end_training()
     return result
+
+
+@contextlib.contextmanager
+def _base_only(model):
+    """``model`` without its adapter for the duration (the base's own prediction)."""
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
 
 
 def _save_checkpoint(accelerator, model, adapter_config, component, output_dir: Path, step: int,
