@@ -11,7 +11,11 @@ The loop (DESIGN §2):
 * after each shot :class:`~storymem.memory.KeyframeSelector` picks keyframes (deduplicated against the
   whole memory history) and they join the bank. ``--memory-source first-frame`` puts only each shot's first
   frame into the bank instead (same sink + window), ``--memory-source none`` uses no memory at all
-  (independent shots); both are ablations.
+  (independent shots); both are ablations;
+* which of the bank's frames a shot sees: the sink + sliding window (the release), or with
+  ``--memory-retrieval prompt`` the frames whose take (the shot and the shots it continues) reads most like the
+  shot's own text (:mod:`storymem.memory.retrieval`; ``--memory-min-relevance`` and
+  ``--memory-relative-relevance`` leave out takes unlike it, e.g. another character's).
 
 Outputs in ``--out``: ``shots/SS_NN.mp4``, ``story.mp4``, ``keyframes/SS_NN/fFFF.png``, the bank after each
 shot (``memory/after_SS_NN/``), sample thumbnails, ``manifest.json``, ``contact_sheet.png`` and
@@ -155,6 +159,9 @@ class RenderOptions:
     memory_rope: Optional[str] = None
     continuation: str = "auto"
     memory_source: str = "keyframes"
+    memory_retrieval: str = "window"
+    memory_min_relevance: float = 0.0
+    memory_relative_relevance: float = 0.0
     embedder: str = "ViT-B-32:openai"
     aesthetic: str = "hpsv3"
     hpsv3_checkpoint: Optional[str] = None
@@ -206,6 +213,10 @@ class RenderOptions:
             "memory_rope": self.memory_rope,
             "continuation": self.continuation,
             "memory_source": self.memory_source,
+            # Only when set, so renders made before the option existed still resume.
+            **({"memory_retrieval": {"mode": self.memory_retrieval, "min_relevance": self.memory_min_relevance,
+                                     "relative_relevance": self.memory_relative_relevance}}
+               if self.memory_retrieval != "window" else {}),
             "embedder": self.embedder,
             "aesthetic": self.aesthetic,
             "hpsv3_checkpoint": self.hpsv3_checkpoint if self.aesthetic == "hpsv3" else None,
@@ -617,6 +628,20 @@ def _validate_options(options: RenderOptions, story) -> None:
         raise RenderError(f"--memory-source {o.memory_source!r}: must be one of {', '.join(MEMORY_SOURCES)}")
     if o.continuation == "mm2v" and o.frames < 9:
         raise RenderError(f"--frames {o.frames}: MM2V continuations drop 5 frames; use at least 9")
+    from .memory.retrieval import RETRIEVAL_MODES
+
+    if o.memory_retrieval not in RETRIEVAL_MODES:
+        raise RenderError(f"--memory-retrieval {o.memory_retrieval!r}: must be one of "
+                          f"{', '.join(RETRIEVAL_MODES)}")
+    for name in ("memory_min_relevance", "memory_relative_relevance"):
+        value, flag = getattr(o, name), "--" + name.replace("_", "-")
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise RenderError(f"{flag} {value}: must be in [0, 1]")
+        if value and o.memory_retrieval != "prompt":
+            raise RenderError(f"{flag} {value}: only applies with --memory-retrieval prompt")
+    if o.memory_retrieval != "window" and o.memory_source == "none":
+        raise RenderError(f"--memory-retrieval {o.memory_retrieval} picks memory frames, but --memory-source none "
+                          "renders without memory; drop one of them")
     if o.aesthetic not in ("hpsv3", "none"):
         raise RenderError(f"--aesthetic {o.aesthetic!r}: must be 'hpsv3' or 'none'")
     if not -1.0 <= o.keyframe_threshold <= 1.0:
@@ -813,6 +838,11 @@ class StoryRenderer:
         self.manifest: dict = {}
         self.timings: dict = {}
         self._owns_process_group = False
+        from .memory.retrieval import TextRelevance, story_take_texts
+
+        # Every keyframe keeps its take's text, so a bank saved now can be retrieved by prompt later.
+        self.take_texts = story_take_texts(self.story)
+        self.relevance = TextRelevance(self.take_texts)
 
     # ------------------------------------------------------------------ setup
     @property
@@ -923,7 +953,7 @@ class StoryRenderer:
                 kwargs.update(first_frame=Image.fromarray(self.plan.first_image), drop_context_frames=False)
             else:
                 if o.memory_source != "none":
-                    entries = bank.entries()
+                    entries = self._memory_for(shot, bank)
                     kwargs["memory_images"] = [e.frame for e in entries]
                     if o.memory_guidance != 1.0 and entries:
                         kwargs["memory_guidance_scale"] = o.memory_guidance
@@ -939,6 +969,14 @@ class StoryRenderer:
         frames = np.asarray(out.frames[0])
         frames = np.round(np.clip(frames, 0.0, 1.0) * 255.0).astype(np.uint8)
         return frames, entries
+
+    def _memory_for(self, shot, bank) -> list:
+        """The bank entries shot ``shot`` is conditioned on: the sink + window, or retrieved by its take text."""
+        o = self.options
+        if o.memory_retrieval == "prompt":
+            return bank.retrieve(self.take_texts[shot.index], self.relevance, o.memory_min_relevance,
+                                 o.memory_relative_relevance)
+        return bank.entries()
 
     def _select_keyframes(self, frames: np.ndarray, bank):
         """(indices, embeddings) of the frames the memory receives: the keyframes, chosen on rank 0 and shared,
@@ -963,7 +1001,7 @@ class StoryRenderer:
         return indices, embeddings
 
     # ------------------------------------------------------------------ manifest & files
-    def _memory_record(self, entry, position: dict) -> dict:
+    def _memory_record(self, entry, position: dict, query: Optional[str] = None) -> dict:
         if entry.is_reference:
             i = position[id(entry)]
             return {"kind": "reference", "id": f"ref_{i:02d}", "shot": None, "frame": None,
@@ -973,6 +1011,8 @@ class StoryRenderer:
                   "file": None}
         if entry.frame_index is not None:
             record["file"] = f"keyframes/{stem}/f{entry.frame_index:03d}.png"
+        if query is not None and entry.text is not None:
+            record["relevance"] = round(float(self.relevance(query, [entry.text])[0]), 4)
         return record
 
     def _new_manifest(self) -> dict:
@@ -1085,6 +1125,8 @@ class StoryRenderer:
             bank = MemoryBank(max_memory=o.max_memory, sink=o.sink)
             if self.plan.references:
                 bank.add_references(self.plan.references)
+        else:  # a bank saved before take texts were kept
+            bank.fill_texts(lambda index: self.take_texts[index])
 
         t2v_frames, shared = None, None
         if start == 0 and self.mode_for(self.story[0]) == "t2v":
@@ -1137,11 +1179,13 @@ class StoryRenderer:
             position = {id(e): i for i, e in enumerate(bank.history())}
             frames, entries = self._generate(shot, mode, bank, seed)
             t_generate = time.perf_counter() - t0
-            memory_used = [self._memory_record(e, position) for e in entries]
+            query = self.take_texts[shot.index] if o.memory_retrieval == "prompt" else None
+            memory_used = [self._memory_record(e, position, query) for e in entries]
         t1 = time.perf_counter()
         indices, embeddings = self._select_keyframes(frames, bank)
         if indices:
-            bank.add(frames[indices], shot=shot.index, embeddings=embeddings, frame_indices=indices)
+            bank.add(frames[indices], shot=shot.index, embeddings=embeddings, frame_indices=indices,
+                     text=self.take_texts[shot.index])
         bank.set_last_frames(frames, shot=shot.index)
         t2 = time.perf_counter()
         if not self.is_main:
@@ -1283,6 +1327,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory-source", default="keyframes", choices=list(MEMORY_SOURCES),
                    help="what the memory bank receives after each shot: the selected keyframes, only the "
                         "shot's first frame, or nothing (every shot without memory)")
+    g.add_argument("--memory-retrieval", default="window", choices=["window", "prompt"],
+                   help="which remembered frames a shot sees: the sink + sliding window (the release), or "
+                        "'prompt': the frames whose take (shot + the shots it continues) reads most like the shot's "
+                        "text (TF-IDF over the story's prompts)")
+    g.add_argument("--memory-min-relevance", type=float, default=0.0,
+                   help="with --memory-retrieval prompt: leave out takes whose relevance (cosine) is below this")
+    g.add_argument("--memory-relative-relevance", type=float, default=0.0,
+                   help="with --memory-retrieval prompt: leave out takes below this share of the best take's "
+                        "relevance (e.g. 0.8 keeps another character's shots out of memory)")
     g.add_argument("--embedder", help="keyframe similarity: open_clip 'MODEL:TAG' or 'MODEL:CHECKPOINT', a "
                                       "local checkpoint (ViT-B-32), 'hf-hub:...', or 'pixel' (default "
                                       "ViT-B-32:openai; toy: pixel)")
@@ -1345,6 +1398,9 @@ def options_from_args(args: argparse.Namespace) -> tuple[Any, RenderOptions]:
         memory_rope=args.memory_rope,
         continuation=args.continuation,
         memory_source=args.memory_source,
+        memory_retrieval=args.memory_retrieval,
+        memory_min_relevance=args.memory_min_relevance,
+        memory_relative_relevance=args.memory_relative_relevance,
         embedder=args.embedder or (TOY_DEFAULTS["embedder"] if toy else "ViT-B-32:openai"),
         aesthetic=args.aesthetic or (TOY_DEFAULTS["aesthetic"] if toy else "hpsv3"),
         hpsv3_checkpoint=args.hpsv3_checkpoint,

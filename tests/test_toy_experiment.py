@@ -202,7 +202,8 @@ def test_default_conditions_and_the_contiguous_rows(models, tmp_path):
                 limit_stories=1, **FAST)
     plan = experiment.plan_experiment(ExperimentConfig(**base))
     assert [c.name for c in plan.conditions] == ["ground_truth", "independent", "m2v", "base_memory",
-                                                 "first_frame_memory", "no_sink", "negative_adapter_contiguous_rope"]
+                                                 "first_frame_memory", "no_sink", "negative_adapter_contiguous_rope",
+                                                 "m2v_retrieval", "base_memory_retrieval"]
     assert "contiguous_rope" in plan.skipped and len(plan.cases) == 1
     options = {name: jobs[0][1].options for name, jobs in plan.jobs.items()}
     assert (options["first_frame_memory"].memory_source, options["no_sink"].sink, options["m2v"].sink) == (
@@ -213,6 +214,11 @@ def test_default_conditions_and_the_contiguous_rows(models, tmp_path):
     assert options["base_memory"].lora is None
     assert dataclasses.replace(options["base_memory"], lora=options["m2v"].lora, out_dir=None) == dataclasses.replace(
         options["m2v"], out_dir=None)
+    # The retrieval rows differ from m2v / base_memory only in how memory frames are picked.
+    retrieval = dict(memory_retrieval="prompt", memory_min_relevance=0.3, memory_relative_relevance=0.5)
+    for row, plain in (("m2v_retrieval", "m2v"), ("base_memory_retrieval", "base_memory")):
+        assert dataclasses.replace(options[row], out_dir=None) == dataclasses.replace(options[plain], out_dir=None,
+                                                                                       **retrieval)
 
     plan = experiment.plan_experiment(ExperimentConfig(**base, contiguous_adapter=str(models / "contiguous")))
     assert not plan.skipped

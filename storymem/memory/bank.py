@@ -5,6 +5,8 @@
 * `frames()` / `entries()`: what the next shot is conditioned on. When the story holds more than
   `max_memory` keyframes, the first `sink` stay (the story's opening: characters, setting) and the most
   recent `max_memory - sink` follow, in story order.
+* `retrieve(query, relevance)`: text-aware retrieval instead of the window: the frames whose take text (given
+  to `add` as `text=`) is most relevant to the shot's (see `storymem.memory.retrieval`).
 * `history()`: every keyframe ever added; keyframe dedup compares against all of it, as the release does.
 * `set_last_frames(frames)`, `last_frame`, `last_frames(n)`: the end of the previous shot for MI2V (1 frame)
   and MM2V (5 frames).
@@ -25,7 +27,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -54,6 +56,7 @@ class MemoryEntry:
     frame_index: int | None  # index of the frame within that shot (None when not known / reference)
     embedding: torch.Tensor | None = None  # [D], for dedup; None when not known
     kind: str = "keyframe"  # "keyframe" | "reference"
+    text: str | None = None  # the text of the take it came from, for retrieval by prompt; None when not known
 
     @property
     def is_reference(self) -> bool:
@@ -112,11 +115,13 @@ class MemoryBank:
         shot: int,
         embeddings: torch.Tensor | None = None,
         frame_indices: Sequence[int] | None = None,
+        text: str | None = None,
     ) -> list[MemoryEntry]:
         """Append shot `shot`'s keyframes (uint8 [H, W, 3] images) in story order.
 
         `frame_indices`: each keyframe's index within the shot; `embeddings` [K, D]: their embeddings for
-        the dedup of later shots (`KeyframeSelection.embeddings`)."""
+        the dedup of later shots (`KeyframeSelection.embeddings`); `text`: the text of the shot's take
+        (`storymem.memory.retrieval.take_texts`), which `retrieve` compares with later shots'."""
         if isinstance(shot, bool) or not isinstance(shot, (int, np.integer)) or shot < 0:
             raise MemoryBankError(f"shot must be a non-negative int, got {shot!r}")
         shot = int(shot)
@@ -133,8 +138,10 @@ class MemoryBank:
                     f"shot {shot}: frame_indices must be {len(images)} non-negative ints, got {list(frame_indices)}"
                 )
         rows = _check_embeddings(embeddings, len(images), f"embeddings of shot {shot}")
+        if text is not None and not isinstance(text, str):
+            raise MemoryBankError(f"shot {shot}: text must be a string or None, got {type(text).__name__}")
         new = [
-            MemoryEntry(frame=image.copy(), shot=shot, frame_index=index, embedding=row)
+            MemoryEntry(frame=image.copy(), shot=shot, frame_index=index, embedding=row, text=text)
             for image, index, row in zip(images, indices, rows)
         ]
         self._entries.extend(new)
@@ -153,6 +160,40 @@ class MemoryBank:
 
     def frames(self) -> list[np.ndarray]:
         return [e.frame for e in self.entries()]
+
+    def relevance(self, query: str, relevance: Callable[[str, Sequence[str | None]], Any]) -> list[float | None]:
+        """One score per history entry for a shot whose take text is `query` (None for reference images), from
+        `relevance(query, texts)`, e.g. a `storymem.memory.retrieval.TextRelevance` over the story's takes."""
+        keyframes = [e for e in self._entries if not e.is_reference]
+        missing = sorted({e.shot for e in keyframes if e.text is None})
+        if missing:
+            raise MemoryBankError(
+                f"the keyframes of shot(s) {missing} have no text to compare with the prompt; add them with "
+                "text=, or set it with fill_texts()"
+            )
+        scores = iter(float(s) for s in relevance(query, [e.text for e in keyframes]))
+        return [None if e.is_reference else next(scores) for e in self._entries]
+
+    def retrieve(
+        self,
+        query: str,
+        relevance: Callable[[str, Sequence[str | None]], Any],
+        min_relevance: float = 0.0,
+        relative_relevance: float = 0.0,
+    ) -> list[MemoryEntry]:
+        """The memory the next shot sees when retrieved by prompt instead of the window: reference images, then
+        the keyframes whose take is most relevant to `query` (up to `max_memory` in all), in story order; see
+        `storymem.memory.retrieval.select_relevant` for the thresholds."""
+        from .retrieval import select_relevant
+
+        keep = select_relevant(self.relevance(query, relevance), self.max_memory, min_relevance, relative_relevance)
+        return [self._entries[i] for i in keep]
+
+    def fill_texts(self, texts: Callable[[int], str]) -> None:
+        """Give keyframes without a take text (banks saved before texts were kept) `texts(shot)`."""
+        for entry in self._entries:
+            if entry.text is None and not entry.is_reference:
+                entry.text = texts(entry.shot)
 
     def history(self) -> list[MemoryEntry]:
         """Every frame ever remembered, in story order (references first)."""
@@ -217,6 +258,8 @@ class MemoryBank:
         records = []
         for entry in self._entries:
             record = {**entry.describe(), **_write_png(folder, entry.frame)}
+            if entry.text is not None:
+                record["text"] = entry.text
             records.append(record)
         embedding_file = None
         if self._entries and all(e.embedding is not None for e in self._entries):
@@ -270,6 +313,9 @@ class MemoryBank:
                 raise MemoryBankError(f"{where}: field 'shot' must be a non-negative int")
             if index is not None and not (isinstance(index, int) and index >= 0):
                 raise MemoryBankError(f"{where}: field 'frame_index' must be a non-negative int or null")
+            text = record.get("text")
+            if text is not None and not isinstance(text, str):
+                raise MemoryBankError(f"{where}: field 'text' must be a string or null")
             frame = _read_png(folder, record, where)
             bank._entries.append(
                 MemoryEntry(
@@ -278,6 +324,7 @@ class MemoryBank:
                     frame_index=index,
                     embedding=None if embeddings is None else embeddings[i].clone(),
                     kind=record["kind"],
+                    text=text,
                 )
             )
         bank._last_frames = [

@@ -22,7 +22,11 @@ index), and every shot is judged by the toy world's ground-truth :class:`~storym
 * ``contiguous_rope`` - base + an adapter trained with contiguous RoPE, rendered with contiguous RoPE (needs
   ``--contiguous-adapter``; left out with a note when all conditions are asked for and none is given);
 * ``negative_adapter_contiguous_rope`` - the (negative-RoPE) ``--adapter`` rendered with contiguous RoPE: a
-  train/inference mismatch ablation.
+  train/inference mismatch ablation;
+* ``m2v_retrieval`` / ``base_memory_retrieval`` - m2v and base_memory with text-aware retrieval of memory frames
+  instead of the sink + window (``--memory-retrieval prompt``, takes below relevance 0.3 or below half the best
+  take's left out; :mod:`storymem.memory.retrieval`): a shot sees the frames of the takes whose prompts read
+  like its own, so another character's frames stay out of memory.
 
 **Metrics** per condition, pooled over the shots (or shot pairs) of all stories:
 
@@ -128,6 +132,10 @@ class Condition:
     generated: bool = True
 
 
+# Text-aware retrieval of memory frames with the thresholds picked on 100 toy stories of another seed than the
+# held-out ones (storymem.memory.retrieval's module doc).
+RETRIEVAL = dict(memory_retrieval="prompt", memory_min_relevance=0.3, memory_relative_relevance=0.5)
+
 CONDITIONS: dict[str, Condition] = {c.name: c for c in (
     Condition("ground_truth", "reference renders of the ground truth: the detector's ceiling", generated=False),
     Condition("independent", "base model, no adapter, no memory, no continuation: each shot from its prompt",
@@ -142,6 +150,10 @@ CONDITIONS: dict[str, Condition] = {c.name: c for c in (
               adapter="contiguous_adapter", render=dict(memory_rope="contiguous")),
     Condition("negative_adapter_contiguous_rope", "the negative-RoPE adapter rendered with contiguous RoPE "
               "(mismatch)", adapter="adapter", render=dict(memory_rope="contiguous")),
+    Condition("m2v_retrieval", "base + adapter, memory retrieved by prompt (takes below relevance 0.3 or half the "
+              "best left out)", adapter="adapter", render=dict(RETRIEVAL)),
+    Condition("base_memory_retrieval", "base model alone with m2v_retrieval's memory and continuation",
+              render=dict(RETRIEVAL)),
 )}
 
 
