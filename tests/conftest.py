@@ -29,3 +29,23 @@ def tiny_pipe(tiny_components):
     pipe = StoryMemPipeline(**tiny_components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Record every StoryMemPipeline call: its keyword arguments and the uint8 frames it returned."""
+    import numpy as np
+
+    from storymem.pipeline import StoryMemPipeline
+
+    calls = []
+    original = StoryMemPipeline.__call__
+
+    def recorded(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        frames = np.round(np.clip(np.asarray(out.frames[0]), 0.0, 1.0) * 255.0).astype(np.uint8)
+        calls.append({"kwargs": kwargs, "frames": frames})
+        return out
+
+    monkeypatch.setattr(StoryMemPipeline, "__call__", recorded)
+    return calls

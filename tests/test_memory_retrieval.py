@@ -9,7 +9,6 @@ from storymem import render
 from storymem.memory import (
     MemoryBank,
     MemoryBankError,
-    MemoryRetrieval,
     RetrievalError,
     TextRelevance,
     select_relevant,
@@ -93,19 +92,6 @@ def test_select_relevant_thresholds_leave_unlike_takes_out():
         select_relevant([float("nan")], 3)
 
 
-def test_retrieval_config_checks_its_fields():
-    assert MemoryRetrieval().mode == "window" and not MemoryRetrieval().by_prompt
-    config = MemoryRetrieval("prompt", 0.3, 0.8)
-    assert config.by_prompt and config.min_relevance == 0.3
-    for kwargs, message in ((dict(mode="nearest"), "must be one of"),
-                            (dict(mode="prompt", min_relevance=1.5), "min_relevance 1.5"),
-                            (dict(mode="prompt", relative_relevance=-0.1), "relative_relevance -0.1"),
-                            (dict(mode="prompt", min_relevance=True), "min_relevance True"),
-                            (dict(min_relevance=0.3), "only applies to retrieval by prompt")):
-        with pytest.raises(RetrievalError, match=message):
-            MemoryRetrieval(**kwargs)
-
-
 # ---------------------------------------------------------------------------------------------- bank
 
 
@@ -187,23 +173,6 @@ STORY = {"story_name": "two characters", "scenes": [
     {"scene_num": 3, "video_prompts": ["the red circle returns to the green meadow"], "cut": [True]},
     {"scene_num": 4, "video_prompts": ["a yellow star on a beach"], "cut": [True]},
 ]}
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    from storymem.pipeline import StoryMemPipeline
-
-    calls = []
-    original = StoryMemPipeline.__call__
-
-    def recorded(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        frames = np.round(np.clip(np.asarray(out.frames[0]), 0.0, 1.0) * 255.0).astype(np.uint8)
-        calls.append({"kwargs": kwargs, "frames": frames})
-        return out
-
-    monkeypatch.setattr(StoryMemPipeline, "__call__", recorded)
-    return calls
 
 
 def _story(tmp_path):

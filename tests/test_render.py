@@ -318,7 +318,6 @@ def test_mm2v_adapter_continues_with_motion_frames(tmp_path):
     assert manifest["runtime"]["adapter"]["conditioning"] == "mm2v"
 
 
-
 def test_first_shot_base_draws_shot_1_with_the_adapter_off(tmp_path, spy):
     import torch
 
@@ -426,20 +425,6 @@ def test_shot_seeds():
 
 
 # ---------------------------------------------------------------------------------------------- memory & continuation
-@pytest.fixture
-def spy(monkeypatch):
-    """Record every StoryMemPipeline call: its keyword arguments and the uint8 frames it returned."""
-    calls = []
-    original = StoryMemPipeline.__call__
-
-    def recorded(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        frames = np.round(np.clip(np.asarray(out.frames[0]), 0.0, 1.0) * 255.0).astype(np.uint8)
-        calls.append({"kwargs": kwargs, "frames": frames})
-        return out
-
-    monkeypatch.setattr(StoryMemPipeline, "__call__", recorded)
-    return calls
 
 
 FOUR_CUTS = {"prompts": ["a red circle", "a blue square", "a red circle again", "a green star"]}
@@ -539,7 +524,6 @@ def test_several_stories_share_one_pipeline(tmp_path, monkeypatch, spy):
     assert len(spy) == 3 and spy[1]["kwargs"]["memory_rope"] == "contiguous"
     assert pipe.memory_rope == "negative"  # the option went with each call; the pipeline is unchanged
     assert pipe.scheduler.config.flow_shift == 3.0
-
 
 
 def test_memory_guidance_reaches_shots_with_memory(tmp_path, spy):

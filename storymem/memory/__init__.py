@@ -19,7 +19,7 @@ from .bank import MemoryBank, MemoryBankError, MemoryEntry
 from .embedders import FrameEmbedder, OpenCLIPEmbedder, PixelEmbedder
 from .images import as_image_list, as_rgb_image, as_video, resize_for_scoring, smart_resize
 from .keyframes import KeyframeSelection, KeyframeSelector, KeyframeStats
-from .retrieval import MemoryRetrieval, RetrievalError, TextRelevance, select_relevant, story_take_texts, take_texts
+from .retrieval import RetrievalError, TextRelevance, select_relevant, story_take_texts, take_texts
 from .scorers import AestheticScorer, NullScorer
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "MemoryBank",
     "MemoryBankError",
     "MemoryEntry",
-    "MemoryRetrieval",
     "NullScorer",
     "OpenCLIPEmbedder",
     "PixelEmbedder",

@@ -36,8 +36,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -122,38 +121,6 @@ class TextRelevance:
         return np.clip(out, 0.0, 1.0)
 
 
-@dataclass
-class MemoryRetrieval:
-    """How the next shot's memory is chosen from the bank.
-
-    Args:
-        mode: ``"window"``: the release's sink + sliding window; ``"prompt"``: the frames whose take text is
-            most relevant to the shot's (module doc).
-        min_relevance: ``"prompt"`` only; takes scoring below this cosine are left out (0: none).
-        relative_relevance: ``"prompt"`` only; takes scoring below this share of the best take's are left out
-            (0: none).
-    """
-
-    mode: str = "window"
-    min_relevance: float = 0.0
-    relative_relevance: float = 0.0
-
-    def __post_init__(self):
-        if self.mode not in RETRIEVAL_MODES:
-            raise RetrievalError(f"memory retrieval {self.mode!r}: must be one of {', '.join(RETRIEVAL_MODES)}")
-        for name in ("min_relevance", "relative_relevance"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise RetrievalError(f"{name} {value!r}: must be a number in [0, 1]")
-            if value and self.mode != "prompt":
-                raise RetrievalError(f"{name} {value}: only applies to retrieval by prompt (mode 'prompt')")
-            setattr(self, name, float(value))
-
-    @property
-    def by_prompt(self) -> bool:
-        return self.mode == "prompt"
-
-
 def select_relevant(
     scores: Sequence[float | None],
     max_memory: int,
@@ -179,5 +146,3 @@ def select_relevant(
     kept = pinned[:max_memory] + [i for _, i in eligible[:room]]
     return sorted(kept)
 
-
-RelevanceFn = Callable[[str, Sequence[str | None]], np.ndarray]
