@@ -36,7 +36,7 @@ def build_pipeline(args, device):
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
     from storymem import StoryMemPipeline
-    from storymem.toy.models import TinyConfig, build_tiny_components
+    from storymem.builtin.tiny import TinyConfig, build_tiny_components
 
     components = build_tiny_components(TinyConfig(), seed=0)
     text_dim = components["text_encoder"].config.d_model

@@ -72,7 +72,7 @@ def build_pipeline(tiny: bool, device: str, dtype: torch.dtype):
     from transformers import UMT5Config, UMT5EncoderModel
 
     from storymem import StoryMemPipeline
-    from storymem.toy.models import build_tokenizer
+    from storymem.builtin.tiny import build_tokenizer
 
     torch.manual_seed(0)
     t_cfg = TINY_TRANSFORMER if tiny else A14B

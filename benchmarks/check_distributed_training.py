@@ -54,7 +54,7 @@ def adapter_effect(adapter: Path) -> float:
     import torch
 
     from storymem import StoryMemPipeline
-    from storymem.toy import build_tiny_components
+    from storymem.builtin.tiny import build_tiny_components
 
     pipe = StoryMemPipeline(**build_tiny_components(seed=0))
     pipe.set_progress_bar_config(disable=True)

@@ -80,12 +80,8 @@ __all__ = [
     "shot_seed",
 ]
 
-DEMO_STORY = Path(__file__).resolve().parent / "toy" / "stories" / "demo.json"
+from .builtin import BUILTIN_BASES, DEMO_STORY  # noqa: E402
 DEFAULT_BASE = "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
-TOY_SEED = 0  # weights of the built-in random tiny model
-# Built-in bases: the small world's trained model (shipped in storymem/toy/weights) and random weights of the same
-# classes at test sizes. "--lora toy" is the small world's M2V adapter.
-BUILTIN_BASES = ("toy", "tiny")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "storymem-render"
 MANIFEST_VERSION = 1
@@ -271,18 +267,11 @@ def load_toy_pipeline(base: str = "toy"):
     """A built-in CPU-sized :class:`~storymem.StoryMemPipeline` without adapter: ``"toy"``, the small world's
     trained base (``--demo``), or ``"tiny"``, random weights of the same classes (tests, smoke runs). This is the
     one place that decides the built-in weights."""
-    if base == "tiny":
-        from .pipeline import StoryMemPipeline
-        from .toy.models import build_tiny_components
-
-        return StoryMemPipeline(**build_tiny_components(seed=TOY_SEED))
-    if base != "toy":
-        raise RenderError(f"unknown built-in base {base!r}; expected one of {', '.join(BUILTIN_BASES)}")
-    from .toy.pretrained import SmallWorldWeightsError, load_small_world_pipeline
+    from .builtin import BuiltinWeightsError, load_builtin_pipeline
 
     try:
-        return load_small_world_pipeline(adapter=False)
-    except SmallWorldWeightsError as err:
+        return load_builtin_pipeline(base)
+    except (BuiltinWeightsError, ValueError) as err:
         raise RenderError(str(err)) from None
 
 
@@ -712,13 +701,12 @@ def _load_adapter(pipe, value: str):
     """--lora: a local folder, a hub id, 'org/name/subfolder' for one variant of a hub repository, or "toy" (the
     small world's adapter)."""
     if value == "toy":
-        from .toy.pretrained import ADAPTER_DIR, SmallWorldWeightsError, _check
+        from .builtin import BuiltinWeightsError, builtin_adapter_folder
 
         try:
-            _check(ADAPTER_DIR, "storymem_adapter.json")
-        except SmallWorldWeightsError as err:
+            return pipe.load_storymem_lora(builtin_adapter_folder("toy"))
+        except BuiltinWeightsError as err:
             raise RenderError(str(err)) from None
-        return pipe.load_storymem_lora(ADAPTER_DIR)
     parts = value.split("/")
     if Path(value).exists() or _looks_local(value) or len(parts) <= 2:
         return pipe.load_storymem_lora(value)

@@ -17,7 +17,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture
 def tiny_components():
     """A fresh set of tiny Wan2.2-I2V components (two experts), same weights every call."""
-    from storymem.toy import build_tiny_components
+    from storymem.builtin.tiny import build_tiny_components
 
     return build_tiny_components(seed=0)
 

@@ -7,7 +7,7 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
 from storymem.conditioning import build_condition_mask, build_memory_condition
 from storymem.rope import MemoryRotaryPosEmbed, install_memory_rope, memory_rope, time_positions
-from storymem.toy import build_tiny_components
+from storymem.builtin.tiny import build_tiny_components
 
 
 def _design_mask(fm, num_frames, conditioned_video_frames):

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from storymem import StoryMemPipeline
 from storymem.lora import ORIGINAL_TO_DIFFUSERS, AdapterError, StoryMemLoraConfig, save_storymem_lora
-from storymem.toy import build_tiny_components
+from storymem.builtin.tiny import build_tiny_components
 
 RANK = 128
 

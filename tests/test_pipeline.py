@@ -9,7 +9,7 @@ from PIL import Image
 
 from storymem import StoryMemPipeline
 from storymem.conditioning import normalize_latents
-from storymem.toy import build_tiny_components
+from storymem.builtin.tiny import build_tiny_components
 
 H = W = 32
 F = 9  # 3 latent frames

@@ -365,7 +365,7 @@ def test_saved_base_and_t2v_first_shot(tmp_path):
     """The real loading path: diffusers folders for the I2V base and the T2V model of shot 1."""
     from diffusers import WanPipeline, WanTransformer3DModel
 
-    from storymem.toy.models import build_tiny_components
+    from storymem.builtin.tiny import build_tiny_components
 
     components = build_tiny_components(seed=0)
     StoryMemPipeline(**components).save_pretrained(tmp_path / "i2v")
@@ -405,7 +405,7 @@ def test_demo_renders_the_bundled_story(tmp_path):
 
 def test_demo_story_uses_the_toy_vocabulary():
     from storymem.story import load_story
-    from storymem.toy.models import TOY_VOCABULARY, caption_words
+    from storymem.builtin.tiny import TOY_VOCABULARY, caption_words
 
     story = load_story(render.DEMO_STORY)
     words = {w for shot in story for w in caption_words(shot.prompt)} | set(caption_words(story.overview))

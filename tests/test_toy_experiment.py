@@ -113,7 +113,7 @@ def models(tmp_path_factory):
     """A saved one-expert tiny base (the toy base's layout) and two adapters (negative and contiguous RoPE)."""
     from storymem.lora import StoryMemLoraConfig, add_storymem_adapter, save_storymem_lora
     from storymem.pipeline import StoryMemPipeline
-    from storymem.toy.models import TinyConfig, build_tiny_components
+    from storymem.builtin.tiny import TinyConfig, build_tiny_components
 
     tmp = tmp_path_factory.mktemp("models")
     StoryMemPipeline(**build_tiny_components(TinyConfig(two_experts=False))).save_pretrained(tmp / "base")
@@ -180,7 +180,7 @@ def test_experiment_on_two_stories(models, tmp_path, monkeypatch):
 
     # The pixel consistency is what `storymem eval` reports for the same folder with the same encoder.
     from storymem.evaluation import EvalConfig, collect_shots, evaluate
-    from storymem.toy.models import TOY_VOCABULARY
+    from storymem.builtin.tiny import TOY_VOCABULARY
 
     story = saved["rows"]["m2v"]["stories"]["story_000"]
     report = evaluate(collect_shots(out / "renders" / "m2v" / "story_000"), PixelBagOfWordsEncoder(TOY_VOCABULARY),
@@ -236,7 +236,7 @@ def test_default_conditions_and_the_contiguous_rows(models, tmp_path):
     with pytest.raises(ExperimentError, match="--lora-scale -1"):
         experiment.plan_experiment(ExperimentConfig(**base, lora_scale=-1.0))
     # 'toy' names the shipped adapter, as --base toy names the shipped base.
-    from storymem.toy.pretrained import ADAPTER_DIR
+    from storymem.builtin import ADAPTER_DIR
     plan = experiment.plan_experiment(ExperimentConfig(**{**base, "adapter": "toy"}))
     assert plan.jobs["m2v"][0][1].options.lora == str(ADAPTER_DIR.resolve())
     assert plan.adapters["adapter"]["memory_rope"] == "negative"

@@ -19,7 +19,7 @@ from storymem.toy.datasets import (
     render_story_truth,
 )
 from storymem.toy.detector import DetectorConfig, IdentityDetector, identity_consistency, same_character
-from storymem.toy.models import build_tokenizer
+from storymem.builtin.tiny import build_tokenizer
 from storymem.toy.world import (
     ACCESSORIES,
     BACKGROUND_MAX_SATURATION,

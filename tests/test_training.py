@@ -412,7 +412,7 @@ def test_training_reduces_the_loss(prepared, trained, lora_config_file):
 
 
 def _toy_parts():
-    from storymem.toy import build_tiny_components
+    from storymem.builtin.tiny import build_tiny_components
 
     return build_tiny_components(seed=0)
 

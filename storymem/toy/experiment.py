@@ -361,7 +361,7 @@ def resolve_conditions(names: Optional[Sequence[str]], adapter: Optional[str],
 def _adapter_info(path: str, flag: str) -> dict:
     from ..lora import ADAPTER_CONFIG_NAME, AdapterError, StoryMemLoraConfig
 
-    from .pretrained import ADAPTER_DIR
+    from storymem.builtin import ADAPTER_DIR
 
     # 'toy': the shipped adapter, as --base toy is the shipped base.
     folder = ADAPTER_DIR if path == "toy" else Path(path)
@@ -809,7 +809,7 @@ def run_experiment(config: ExperimentConfig, plan: Optional[ExperimentPlan] = No
     """Plan (unless given), render, score and write the results; returns the results dict."""
     from ..eval_models import PixelBagOfWordsEncoder
     from .detector import IdentityDetector
-    from .models import TOY_VOCABULARY
+    from storymem.builtin.tiny import TOY_VOCABULARY
 
     plan = plan or plan_experiment(config)
     t0 = time.perf_counter()

@@ -191,7 +191,7 @@ def build_base_components(config: ToyBaseConfig, seed: int = 0) -> dict:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from .models import build_tokenizer
+    from storymem.builtin.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     with torch.random.fork_rng(devices=[]):

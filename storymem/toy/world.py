@@ -19,7 +19,7 @@ a picture (centre, pixels per unit, rotation). The detector uses the same functi
 Characters are :data:`BODY_SIZE` x min(height, width) in half-size, so the same clip renders at any size from
 32x32 to 480x832 and beyond (anti-aliased by supersampling).
 
-Captions (:func:`caption`) use words of :data:`storymem.toy.models.TOY_VOCABULARY` only, without punctuation,
+Captions (:func:`caption`) use words of :data:`storymem.builtin.tiny.TOY_VOCABULARY` only, without punctuation,
 so the toy tokenizer never meets an unknown word: "a red striped circle with a hat walks into the desert near
 a rock" for a first appearance, "the same character ..." or "the red striped circle with the hat returns
 and ..." later on.
@@ -980,7 +980,7 @@ def _verb_phrase(motion: Motion, scene: Scene) -> str:
 
 def caption(characters: Character | Sequence[Character], scene: Scene, motion: Motion | Sequence[Motion],
             mode: str = "first") -> str:
-    """A caption made of :data:`storymem.toy.models.TOY_VOCABULARY` words.
+    """A caption made of :data:`storymem.builtin.tiny.TOY_VOCABULARY` words.
 
     ``mode``: ``first`` introduces the character ("a red striped circle with a hat walks into the desert"),
     ``named`` refers back to it by name ("the red striped circle with the hat ..."), ``same`` by reference

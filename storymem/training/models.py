@@ -1,7 +1,7 @@
 """Loading the parts of a Wan2.2-I2V base model that preparation and training need, one part at a time.
 
 ``base`` is a diffusers Wan2.2-I2V folder or hub id (``Wan-AI/Wan2.2-I2V-A14B-Diffusers``), ``"toy"``: the small
-world's trained base shipped with the package (:mod:`storymem.toy.pretrained`), or ``"tiny"``: random-weight
+world's trained base shipped with the package (:mod:`storymem.builtin`), or ``"tiny"``: random-weight
 components of the same classes, CPU-sized and built from a fixed seed (so ``prepare`` and ``train`` see the same
 weights), for tests and smoke runs.
 """
@@ -28,17 +28,16 @@ def is_toy(base: str) -> bool:
 def resolve_base(base: str) -> str:
     """``"toy"`` -> the folder of the shipped small-world base; anything else unchanged."""
     if str(base) == TOY_BASE:
-        from ..toy.pretrained import BASE_DIR, _check
+        from ..builtin import builtin_base_folder
 
-        _check(BASE_DIR, "model_index.json")
-        return str(BASE_DIR)
+        return str(builtin_base_folder("toy"))
     return str(base)
 
 
 def _toy_components() -> dict:
-    from ..toy import build_tiny_components
+    from ..builtin import builtin_components
 
-    return build_tiny_components(seed=0)
+    return builtin_components("tiny")
 
 
 def base_identity(base: str) -> str:

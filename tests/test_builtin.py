@@ -1,4 +1,5 @@
-"""The small world's shipped weights: they load, the adapter is the one the pipeline uses, the demo renders."""
+"""The built-in models: the small world's shipped weights load, the adapter is the one the pipeline uses, the
+demo renders."""
 
 from __future__ import annotations
 
@@ -8,32 +9,40 @@ import numpy as np
 import pytest
 import torch
 
-from storymem.toy import pretrained
+from storymem import builtin
 
 
 def test_shipped_weights_are_complete_and_small():
-    files = [p for p in pretrained.WEIGHTS_DIR.rglob("*") if p.is_file()]
-    names = {p.relative_to(pretrained.WEIGHTS_DIR).as_posix() for p in files}
+    files = [p for p in builtin.WEIGHTS_DIR.rglob("*") if p.is_file()]
+    names = {p.relative_to(builtin.WEIGHTS_DIR).as_posix() for p in files}
     for needed in ("base/model_index.json", "base/transformer/diffusion_pytorch_model.safetensors",
                    "base/vae/diffusion_pytorch_model.safetensors", "base/text_encoder/model.safetensors",
                    "base/tokenizer/tokenizer.json", "adapter/storymem_adapter.json", "adapter/high_noise.safetensors",
                    "info.json"):
         assert needed in names
     assert sum(p.stat().st_size for p in files) <= 20 * 1000 * 1000
-    info = pretrained.small_world_info()
+    info = builtin.builtin_info()
     assert info["adapter"]["steps"] > 0 and info["base"]["transformer_steps"] > 0
-    adapter = json.loads((pretrained.ADAPTER_DIR / "storymem_adapter.json").read_text())
+    adapter = json.loads((builtin.ADAPTER_DIR / "storymem_adapter.json").read_text())
     assert adapter["memory_rope"] == "negative" and adapter["experts"] == ["transformer"]
     # The recipe's config is the one the shipped adapter was trained with.
-    recipe = json.loads((pretrained.WEIGHTS_DIR.parents[2] / "lora_configs" / "toy_m2v.json").read_text())
+    recipe = json.loads((builtin.WEIGHTS_DIR.parents[2] / "lora_configs" / "toy_m2v.json").read_text())
     keys = ("rank", "alpha", "use_rslora", "target_modules", "memory_rope", "memory_rope_stride", "conditioning")
     assert {k: adapter[k] for k in keys} == {k: recipe[k] for k in keys}
 
 
 def test_missing_weights_are_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(pretrained, "BASE_DIR", tmp_path / "base")
-    with pytest.raises(pretrained.SmallWorldWeightsError, match="model_index.json"):
-        pretrained.load_small_world_pipeline()
+    monkeypatch.setattr(builtin, "BASE_DIR", tmp_path / "base")
+    with pytest.raises(builtin.BuiltinWeightsError, match="model_index.json"):
+        builtin.load_builtin_pipeline("toy")
+
+
+def _red_circle(x: int) -> np.ndarray:
+    """A frame in the small world's style: a red disc on a sand-coloured ground."""
+    yy, xx = np.mgrid[:64, :64]
+    frame = np.full((64, 64, 3), (200, 180, 120), dtype=np.uint8)
+    frame[(yy - 32) ** 2 + (xx - x) ** 2 < 100] = (220, 30, 30)
+    return frame
 
 
 def _render(pipe, memory=None):
@@ -44,14 +53,12 @@ def _render(pipe, memory=None):
 
 
 def test_base_and_adapter_load_and_the_adapter_uses_memory():
-    from storymem.toy.world import Character, ClipSpec
-
-    base = pretrained.load_small_world_pipeline(adapter=False)
+    base = builtin.load_builtin_pipeline("toy")
     assert base.transformer_2 is None and base.transformer.config.num_layers == 8
     assert base.vae_scale_factor_spatial == 4
-    memory = list(ClipSpec.random(np.random.default_rng(0), Character("circle", "red")).render(5, 64, 64)[[0, 4]])
+    memory = [_red_circle(x) for x in (20, 40)]
     plain = _render(base, memory)
-    adapted = pretrained.load_small_world_pipeline(adapter=True)
+    adapted = builtin.load_builtin_pipeline("toy", adapter=True)
     with_memory = _render(adapted, memory)
     assert with_memory.shape == (5, 64, 64, 3) and np.isfinite(with_memory).all()
     assert np.abs(with_memory - plain).mean() > 1e-3  # the adapter is loaded and active
@@ -61,7 +68,7 @@ def test_base_and_adapter_load_and_the_adapter_uses_memory():
 def test_training_base_toy_is_the_shipped_base():
     from storymem.training.models import base_identity, load_expert, resolve_base
 
-    assert resolve_base("toy") == str(pretrained.BASE_DIR) and base_identity("toy") == "toy"
+    assert resolve_base("toy") == str(builtin.BASE_DIR) and base_identity("toy") == "toy"
     model = load_expert("toy", "transformer", dtype=torch.float32)
     assert model.config.num_layers == 8
 
