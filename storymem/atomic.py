@@ -1,16 +1,20 @@
-"""Atomic file writes: every output is written to a temporary file beside its destination and moved over it
-with ``os.replace``, so an interrupted run never leaves a truncated file where a complete one is expected."""
+"""Atomic writes: every output is written to a temporary file (or folder) beside its destination and moved over
+it with ``os.replace``, so an interrupted run never leaves a truncated file or a half-filled folder where a
+complete one is expected."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_path", "atomic_folder", "atomic_write", "atomic_write_bytes", "atomic_write_text",
+           "atomic_write_json"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -30,6 +34,28 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def atomic_folder(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` to fill; on success swap it in for ``path`` (a folder already
+    there is moved aside first and removed after the swap), on failure remove it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        # Two renames, not rmtree then rename: a crash in between leaves the complete old folder aside.
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write(path: PathLike, writer: Callable[[str], Any]) -> Path:
