@@ -208,7 +208,7 @@ def test_render_retrieves_memory_by_prompt(tmp_path, spy):
     assert main(["--story", str(story), "--out", str(window), *FAST]) == 0
     assert [len(c["kwargs"].get("memory_images") or []) for c in spy] == [0, 1, 2, 3, 4]
     manifest = json.loads((window / "manifest.json").read_text())
-    assert "memory_retrieval" not in manifest["settings"]
+    assert manifest["settings"]["memory_retrieval"]["mode"] == "window"
     assert all("relevance" not in m for s in manifest["shots"] for m in s["memory"])
 
     # A finished window render cannot be resumed with retrieval by prompt.
@@ -240,7 +240,7 @@ def test_bad_retrieval_flags_fail_before_any_model_loads(flags, expected, tmp_pa
     def must_not_load(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(render, "load_toy_pipeline", must_not_load)
+    monkeypatch.setattr(render.models, "load_pipeline", must_not_load)
     out = tmp_path / "out"
     assert main(["--story", str(_story(tmp_path)), "--out", str(out), *FAST[:-2], *flags]) == 2
     assert expected in capsys.readouterr().err

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storymem import render
+from storymem import builtin, render
 from storymem.memory import MemoryBank
 from storymem.pipeline import WAN_NEGATIVE_PROMPT, StoryMemPipeline
 from storymem.render import main
+from storymem.render import models as render_models
+from storymem.render.cli import build_parser, options_from_args
 from storymem.video import read_video
 
 STORY = {
@@ -123,7 +125,7 @@ def test_outputs_manifest_and_modes(rendered):
 
 def test_rerun_of_finished_render_loads_no_model(rendered, tmp_path, monkeypatch):
     story, out = _copy(rendered, tmp_path)
-    monkeypatch.setattr(render, "load_pipeline", _must_not_load)
+    monkeypatch.setattr(render_models, "load_pipeline", _must_not_load)
     before = {k: v for k, v in _snapshot(out).items() if k.startswith("shots/")}
     assert main(_args(story, out)) == 0
     assert {k: v for k, v in _snapshot(out).items() if k.startswith("shots/")} == before
@@ -177,14 +179,13 @@ def test_from_shot_rerenders_from_there(rendered, tmp_path, count_calls):
 def test_changed_settings_are_refused_unless_forced(rendered, tmp_path, monkeypatch, capsys):
     story, out = _copy(rendered, tmp_path)
     before = _snapshot(out)
-    monkeypatch.setattr(render, "load_pipeline", _must_not_load)
+    monkeypatch.setattr(render_models, "load_pipeline", _must_not_load)
     assert main(_args(story, out, "--steps", "3")) == 2
     err = capsys.readouterr().err
     assert "steps: 1 -> 3" in err and "--force" in err
     assert _snapshot(out) == before
     # --force starts over (checked without rendering: the plan starts at shot 1 with a fresh memory).
-    story_obj, options = render.options_from_args(render.build_parser().parse_args(_args(story, out, "--steps", "3",
-                                                                                         "--force")))
+    story_obj, options = options_from_args(build_parser().parse_args(_args(story, out, "--steps", "3", "--force")))
     plan = render.prepare(story_obj, options)
     assert plan.start == 0 and plan.bank is None and _snapshot(out) == before
 
@@ -235,9 +236,9 @@ def _png(path, size=(24, 40)):
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_fails_before_any_model_loads(case, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(render, "load_pipeline", _must_not_load)
-    monkeypatch.setattr(render, "load_toy_pipeline", _must_not_load)
-    monkeypatch.setattr(render, "load_t2v_pipeline", _must_not_load)
+    monkeypatch.setattr(render_models, "load_pipeline", _must_not_load)
+    monkeypatch.setattr(builtin, "load_builtin_pipeline", _must_not_load)
+    monkeypatch.setattr(render_models, "load_t2v_pipeline", _must_not_load)
     out = tmp_path / "existing"
     out.mkdir()
     extra, expected = BAD[case]
@@ -251,7 +252,7 @@ def test_bad_input_fails_before_any_model_loads(case, tmp_path, monkeypatch, cap
 def test_bad_flags_leave_a_finished_render_untouched(rendered, tmp_path, monkeypatch):
     story, out = _copy(rendered, tmp_path)
     before = _snapshot(out)
-    monkeypatch.setattr(render, "load_pipeline", _must_not_load)
+    monkeypatch.setattr(render_models, "load_pipeline", _must_not_load)
     assert main(_args(story, out, "--frames", "7")) == 2
     assert main(_args(story, out, "--reference-images", str(tmp_path / "missing.png"))) == 2
     assert _snapshot(out) == before
@@ -299,7 +300,7 @@ def test_first_image_is_plain_i2v_and_sets_the_aspect(tmp_path):
 def test_mm2v_adapter_continues_with_motion_frames(tmp_path):
     from storymem.lora import StoryMemLoraConfig, add_storymem_adapter, save_storymem_lora
 
-    pipe = render.load_toy_pipeline("tiny")
+    pipe = builtin.load_builtin_pipeline("tiny")
     config = StoryMemLoraConfig(rank=4, alpha=4.0, memory_rope="contiguous", conditioning="mm2v")
     for model in (pipe.transformer, pipe.transformer_2):
         add_storymem_adapter(model, config)
@@ -315,6 +316,7 @@ def test_mm2v_adapter_continues_with_motion_frames(tmp_path):
     assert [s["mode"] for s in manifest["shots"]] == ["m2v", "mm2v"]
     assert manifest["shots"][1]["num_frames"] == 9 - 5  # the 5 motion frames are dropped
     assert manifest["runtime"]["memory_rope"] == "contiguous"  # from the adapter's metadata
+    assert [s["memory_rope"] for s in manifest["shots"]] == ["contiguous", "contiguous"]
     assert manifest["runtime"]["adapter"]["conditioning"] == "mm2v"
 
 
@@ -323,7 +325,7 @@ def test_first_shot_base_draws_shot_1_with_the_adapter_off(tmp_path, spy):
 
     from storymem.lora import StoryMemLoraConfig, add_storymem_adapter, save_storymem_lora
 
-    pipe = render.load_toy_pipeline("tiny")
+    pipe = builtin.load_builtin_pipeline("tiny")
     config = StoryMemLoraConfig(rank=4, alpha=4.0, conditioning="m2v")
     generator = torch.Generator().manual_seed(0)
     for model in (pipe.transformer, pipe.transformer_2):
@@ -347,7 +349,7 @@ def test_first_shot_base_draws_shot_1_with_the_adapter_off(tmp_path, spy):
         assert not np.array_equal(runs["scale_half"][shot], runs["no_adapter"][shot])
         assert not np.array_equal(runs["scale_half"][shot], runs["m2v_first"][shot])
     assert json.loads((tmp_path / "scale_half" / "manifest.json").read_text())["settings"]["lora_scale"] == 0.5
-    assert "lora_scale" not in json.loads((tmp_path / "m2v_first" / "manifest.json").read_text())["settings"]
+    assert json.loads((tmp_path / "m2v_first" / "manifest.json").read_text())["settings"]["lora_scale"] == 1.0
     # Shot 1 is the base's own (adapter off); with the default it goes through the adapter.
     np.testing.assert_array_equal(runs["base_first"][0], runs["no_adapter"][0])
     assert not np.array_equal(runs["m2v_first"][0], runs["no_adapter"][0])
@@ -356,7 +358,7 @@ def test_first_shot_base_draws_shot_1_with_the_adapter_off(tmp_path, spy):
     manifest = json.loads((tmp_path / "base_first" / "manifest.json").read_text())
     assert [s["mode"] for s in manifest["shots"]] == ["base", "m2v"]
     assert manifest["settings"]["first_shot"] == "base"
-    assert "first_shot" not in json.loads((tmp_path / "m2v_first" / "manifest.json").read_text())["settings"]
+    assert json.loads((tmp_path / "m2v_first" / "manifest.json").read_text())["settings"]["first_shot"] == "m2v"
     image = _png(tmp_path / "first.png")
     assert main(_args(story, tmp_path / "both", "--first-shot", "base", "--first-image", str(image))) == 2
     assert not (tmp_path / "both").exists()
@@ -392,7 +394,7 @@ def test_saved_base_and_t2v_first_shot(tmp_path):
 def test_demo_renders_the_bundled_story(tmp_path):
     from storymem.story import load_story
 
-    story = load_story(render.DEMO_STORY)
+    story = load_story(builtin.DEMO_STORY)
     assert len(story) >= 6 and not all(s.cut for s in story)
     out = tmp_path / "demo"
     assert main(["--demo", "--out", str(out), "--steps", "1", "--frames", "5", "--height", "32", "--width", "32",
@@ -407,7 +409,7 @@ def test_demo_story_uses_the_toy_vocabulary():
     from storymem.story import load_story
     from storymem.builtin.tiny import TOY_VOCABULARY, caption_words
 
-    story = load_story(render.DEMO_STORY)
+    story = load_story(builtin.DEMO_STORY)
     words = {w for shot in story for w in caption_words(shot.prompt)} | set(caption_words(story.overview))
     assert words <= set(TOY_VOCABULARY), words - set(TOY_VOCABULARY)
     # A character that returns after an intervening shot without it.
@@ -435,21 +437,26 @@ def test_negative_prompt_reaches_the_pipeline(tmp_path, spy):
     # The toy model's default is the empty prompt (its unconditional one), not Wan's.
     assert main(_args(one_shot, tmp_path / "toy")) == 0
     assert [c["kwargs"]["negative_prompt"] for c in spy] == [""]
-    story, options = render.options_from_args(render.build_parser().parse_args(
+    story, options = options_from_args(build_parser().parse_args(
         ["--story", str(one_shot), "--base", "org/model", "--negative-prompt", ""]))
-    assert options.negative_prompt == ""  # an explicit empty prompt survives for any base
-    story, options = render.options_from_args(render.build_parser().parse_args(
-        ["--story", str(one_shot), "--base", "org/model"]))
-    assert options.negative_prompt is None
+    assert options.negative_prompt == "" and options.resolved().negative_prompt == ""  # kept for any base
+    story, options = options_from_args(build_parser().parse_args(["--story", str(one_shot), "--base", "org/model"]))
+    assert options.negative_prompt is None and options.resolved().negative_prompt is None  # Wan's
 
-    # Programmatic renders: None means Wan's, "" is kept.
-    pipe = render.load_toy_pipeline("tiny")
-    for name, negative, expected in (("wan", None, WAN_NEGATIVE_PROMPT), ("empty", "", "")):
+    # Programmatic renders resolve the same way: None is Wan's for a real base and the empty prompt for a
+    # built-in one; "" is kept. (The tiny pipeline stands in for the real base: nothing is loaded by name.)
+    pipe = builtin.load_builtin_pipeline("tiny")
+    for name, base, negative, expected in (("wan", "org/model", None, WAN_NEGATIVE_PROMPT),
+                                           ("builtin", "tiny", None, ""), ("empty", "org/model", "", "")):
         spy.clear()
-        options = render.RenderOptions(out_dir=tmp_path / name, base="tiny", negative_prompt=negative, height=32,
+        options = render.RenderOptions(out_dir=tmp_path / name, base=base, negative_prompt=negative, height=32,
                                        width=32, frames=5, steps=1, embedder="pixel", aesthetic="none", device="cpu",
                                        progress=False)
-        render.render_story(one_shot, options, pipe=pipe)
+        if base == "tiny":
+            render.render_story(one_shot, options, pipe=pipe)
+        else:  # a real base drawing shot 1 from text alone is told that a T2V model does better
+            with pytest.warns(UserWarning, match="--t2v-model"):
+                render.render_story(one_shot, options, pipe=pipe)
         assert spy[0]["kwargs"]["negative_prompt"] == expected
 
 
@@ -493,34 +500,36 @@ def test_continuation_none_starts_every_shot_afresh(tmp_path, spy):
     assert manifest["runtime"]["continuation"] == "none"
 
 
-def test_changed_memory_source_is_refused_and_old_manifests_resume(rendered, tmp_path, monkeypatch, capsys):
+def test_changed_memory_source_is_refused(rendered, tmp_path, monkeypatch, capsys):
     story, out = _copy(rendered, tmp_path)
-    monkeypatch.setattr(render, "load_pipeline", _must_not_load)
+    monkeypatch.setattr(render_models, "load_pipeline", _must_not_load)
     assert json.loads((out / "manifest.json").read_text())["settings"]["memory_source"] == "keyframes"
     assert main(_args(story, out, "--memory-source", "first-frame")) == 2
     assert 'memory_source: "keyframes" -> "first-frame"' in capsys.readouterr().err
-    # A manifest written before the option existed counts as keyframes: it still resumes (nothing to do).
+    # Every setting is recorded: one missing from the manifest is a difference, not a default.
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["settings"]["memory_source"]
     (out / "manifest.json").write_text(json.dumps(manifest))
-    assert main(_args(story, out)) == 0
+    assert main(_args(story, out)) == 2
+    assert 'memory_source: null -> "keyframes"' in capsys.readouterr().err
 
 
 def test_several_stories_share_one_pipeline(tmp_path, monkeypatch, spy):
-    pipe = render.load_toy_pipeline("tiny")
+    pipe = builtin.load_builtin_pipeline("tiny")
     assert pipe.memory_rope == "negative"
     options = render.RenderOptions(base="tiny", height=32, width=32, frames=5, steps=1, shift=3.0, embedder="pixel",
                                    aesthetic="none", negative_prompt="", device="cpu", progress=False,
                                    memory_rope="contiguous")
     selector = render.build_selector(options)
-    monkeypatch.setattr(render, "load_pipeline", _must_not_load)
-    monkeypatch.setattr(render, "build_selector", _must_not_load)
-    monkeypatch.setattr(render, "load_toy_pipeline", _must_not_load)
+    monkeypatch.setattr(render_models, "load_pipeline", _must_not_load)
+    monkeypatch.setattr(render_models, "build_selector", _must_not_load)
+    monkeypatch.setattr(builtin, "load_builtin_pipeline", _must_not_load)
     for name, prompts in (("a", ["a red circle", "a blue square"]), ("b", ["a green star"])):
         story = _story(tmp_path, {"prompts": prompts}, name=f"{name}.json")
         manifest = render.render_story(story, dataclasses.replace(options, out_dir=tmp_path / name), pipe=pipe,
                                        selector=selector)
         assert manifest["finished"] and manifest["runtime"]["memory_rope"] == "contiguous"
+        assert {s["memory_rope"] for s in manifest["shots"]} == {"contiguous"}
     assert len(spy) == 3 and spy[1]["kwargs"]["memory_rope"] == "contiguous"
     assert pipe.memory_rope == "negative"  # the option went with each call; the pipeline is unchanged
     assert pipe.scheduler.config.flow_shift == 3.0
@@ -536,7 +545,7 @@ def test_memory_guidance_reaches_shots_with_memory(tmp_path, spy):
     spy.clear()
     assert main(_args(story, tmp_path / "off")) == 0
     assert all("memory_guidance_scale" not in c["kwargs"] for c in spy)
-    assert "memory_guidance" not in json.loads((tmp_path / "off" / "manifest.json").read_text())["settings"]
+    assert json.loads((tmp_path / "off" / "manifest.json").read_text())["settings"]["memory_guidance"] == 1.0
 
 def test_bad_memory_options_are_render_errors(tmp_path):
     from storymem.story import load_story

@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from storymem.report import (
+from storymem.render.report import (
     KEYFRAME_COLOUR,
     MEMORY_COLOUR,
     SheetRow,

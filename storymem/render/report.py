@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 
 __all__ = ["SheetRow", "build_contact_sheet", "write_contact_sheet", "write_index_html", "write_report",
            "rows_from_manifest"]

@@ -1,0 +1,403 @@
+"""The options of a render: one dataclass whose fields carry their command-line help, the one method that decides
+the automatic ones, the settings a resumed render must match, and their validation.
+
+Fields of None are automatic and decided by :meth:`RenderOptions.resolved` from the base: the published
+release's defaults (``storymem.defaults``) for Wan2.2, the built-in models' own (``BUILTIN_SAMPLING``) for
+``toy``/``tiny``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..arguments import option
+from ..defaults import (
+    AREA,
+    FLOW_SHIFT,
+    FPS,
+    FRAMES,
+    GUIDANCE,
+    HEIGHT,
+    KEYFRAME_THRESHOLD,
+    MAX_MEMORY,
+    MOTION_FRAMES,
+    SINK,
+    STEPS,
+    T2V_FLOW_SHIFT,
+    T2V_GUIDANCE,
+    T2V_GUIDANCE_2,
+    WAN_I2V_BASE,
+    WIDTH,
+)
+
+__all__ = ["RenderError", "RenderOptions", "GROUP_TITLES", "FIRST_SHOTS", "MEMORY_SOURCES", "CONTINUATIONS",
+           "shot_seed", "file_record", "looks_local"]
+
+# How shot 1 starts when no T2V model, first image or reference images are given: M2V on an empty memory
+# (through the adapter), or the base alone with the adapter switched off ("base": for bases that generate from
+# text themselves, like the small world's, it plays the part Wan2.2-T2V-A14B plays for the real model).
+FIRST_SHOTS = ("m2v", "base")
+# What the memory bank receives after each shot: the selected keyframes (the release), the shot's first frame
+# only, or nothing (every shot is generated without memory).
+MEMORY_SOURCES = ("keyframes", "first-frame", "none")
+# How a cut:false shot continues the previous one; "none": it does not (it starts from text and memory).
+CONTINUATIONS = ("auto", "mi2v", "mm2v", "none")
+
+# Sampling defaults that depend on the base: the release's for Wan2.2 (negative prompt None = Wan's).
+_RELEASE_SAMPLING = dict(area=AREA, frames=FRAMES, steps=STEPS, shift=FLOW_SHIFT, embedder="ViT-B-32:openai",
+                         aesthetic="hpsv3", negative_prompt=None)
+
+GROUP_TITLES = {"output": "output and resume", "models": "models", "first": "shot 1", "sampling": "sampling",
+                "memory": "memory"}
+
+
+class RenderError(ValueError):
+    """Bad render input (story, images, flags, output folder) or an output folder that cannot be resumed."""
+
+
+@dataclass
+class RenderOptions:
+    """Everything a render needs besides the story; the command line is generated from these fields.
+
+    Defaults are the M2V release's. Fields of None are decided by :meth:`resolved` (every render resolves its
+    options first): ``height``/``width`` from ``area`` and the aspect ratio of the conditioning image (first
+    image or first reference image; 480x832 landscape without one); sampling defaults from the base.
+    """
+
+    # ------------------------------------------------------------------ output and resume
+    out_dir: Optional[Path] = option(
+        None, flag="--out", group="output", metavar="DIR",
+        help="output folder (default: outputs/<story file name>, or storymem_demo for --demo)")
+    from_shot: Optional[str] = option(
+        None, group="output", metavar="SHOT",
+        help="re-render from this shot on (number 1..N or file stem like 02_01), restoring the memory saved after "
+             "the previous shot")
+    force: bool = option(False, group="output",
+                         help="start over even if the folder holds a render with other settings")
+    progress: bool = option(True, group="output", help="progress bars (--no-progress: none)")
+
+    # ------------------------------------------------------------------ models
+    base: Optional[str] = option(
+        None, group="models",
+        help=f"Wan2.2-I2V diffusers folder or hub id; 'toy' (the small world's trained model) or 'tiny' (random "
+             f"weights, smoke runs) (default: {WAN_I2V_BASE}; toy with --demo)")
+    lora: Optional[str] = option(
+        None, group="models",
+        help="StoryMem adapter: storymem adapter folder, published Wan2.2-MI2V-A14B / Wan2.2-MM2V-A14B folder, hub "
+             "id, or 'toy' (the small world's adapter; the default with --demo)")
+    lora_scale: float = option(1.0, group="models",
+                               help="weight of the adapter's LoRA layers (1: as trained; 0: the base alone)")
+    t2v_model: Optional[str] = option(None, group="models",
+                                      help="Wan2.2-T2V-A14B diffusers folder or hub id for the first shot")
+    dtype: str = option("auto", group="models", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="model dtype (auto: bfloat16 on a GPU, float32 on the CPU and for the built-in "
+                             "models); the VAE runs in float32")
+    device: Optional[str] = option(None, group="models",
+                                   help="torch device (default: cuda if available, else cpu; cpu with --demo)")
+    offload: str = option("none", group="models", choices=("none", "model", "sequential"),
+                          help="diffusers CPU offload: model (enable_model_cpu_offload) or sequential")
+    parallel: str = option("none", group="models", choices=("none", "ulysses", "ring"),
+                           help="context parallelism over the GPUs of a torchrun launch")
+    attention_backend: Optional[str] = option(
+        None, group="models",
+        help="diffusers attention backend (e.g. _native_cudnn, flash); ring attention defaults to _native_cudnn")
+
+    # ------------------------------------------------------------------ shot 1
+    first_shot: str = option(
+        "m2v", group="first", choices=FIRST_SHOTS,
+        help="without --t2v-model, --first-image or --reference-images: M2V on an empty memory, or 'base': the "
+             "base alone, adapter off (for bases that draw from text, like --base toy)")
+    first_image: Optional[Path] = option(None, group="first", help="start shot 1 from this image (plain I2V)")
+    reference_images: list[Path] = option(default_factory=list, group="first", metavar="IMAGE",
+                                          help="MR2V: images that seed the memory; shot 1 is M2V on them")
+
+    # ------------------------------------------------------------------ sampling
+    height: Optional[int] = option(
+        None, group="sampling",
+        help="frame height, multiple of 16 (default: from --area and the conditioning image's aspect ratio; "
+             "64 for the built-in models)")
+    width: Optional[int] = option(None, group="sampling", help="frame width, multiple of 16 (default: as --height)")
+    area: Optional[int] = option(None, group="sampling",
+                                 help=f"pixel area for the automatic size (default: {WIDTH}*{HEIGHT}; built-in models 64*64)")
+    frames: Optional[int] = option(None, group="sampling",
+                                   help=f"frames per shot, 4n+1 (default: {FRAMES}; built-in models 17)")
+    fps: int = option(FPS, group="sampling", help="frame rate of the videos written")
+    steps: Optional[int] = option(None, group="sampling",
+                                  help=f"denoising steps (default: {STEPS}; built-in models 8)")
+    guidance: float = option(GUIDANCE, group="sampling", help="classifier-free guidance (high-noise expert)")
+    guidance_2: Optional[float] = option(None, group="sampling",
+                                         help="guidance of the low-noise expert (default: --guidance)")
+    memory_guidance: float = option(
+        1.0, group="sampling",
+        help="guidance towards the memory frames (1 = off; above 1 one more model call per step)")
+    shift: Optional[float] = option(None, group="sampling",
+                                    help=f"UniPC flow shift (default: {FLOW_SHIFT}; built-in models 3.0)")
+    negative_prompt: Optional[str] = option(
+        None, group="sampling",
+        help="negative prompt (default: Wan's; built-in models: the empty prompt); pass '' for none")
+    t2v_shift: float = option(T2V_FLOW_SHIFT, group="sampling", help="flow shift of the T2V model")
+    t2v_guidance: float = option(T2V_GUIDANCE, group="sampling", help="T2V guidance, high-noise expert")
+    t2v_guidance_2: float = option(T2V_GUIDANCE_2, group="sampling", help="T2V guidance, low-noise expert")
+    seed: int = option(0, group="sampling", help="base seed; a shot's seed is derived from it (see --seed-mode)")
+    seed_mode: str = option(
+        "global", group="sampling", choices=("global", "scene"),
+        help="shot seed = seed + global shot index, or + index within the scene (the release's quirk)")
+
+    # ------------------------------------------------------------------ memory
+    max_memory: int = option(MAX_MEMORY, group="memory", help="memory frames a shot sees at most")
+    sink: int = option(SINK, group="memory", help="oldest memory frames always kept")
+    memory_rope: Optional[str] = option(
+        None, group="memory", choices=("negative", "contiguous"),
+        help="time positions of the memory frames (default: the adapter's, recorded in its metadata)")
+    continuation: str = option(
+        "auto", group="memory", choices=CONTINUATIONS,
+        help="how a cut:false shot continues the previous one (auto: the adapter's conditioning; none: it starts "
+             "from its prompt and the memory, like a cut)")
+    memory_source: str = option(
+        "keyframes", group="memory", choices=MEMORY_SOURCES,
+        help="what the memory bank receives after each shot: the selected keyframes, only the shot's first "
+             "frame, or nothing (every shot without memory)")
+    memory_retrieval: str = option(
+        "window", group="memory", choices=("window", "prompt"),
+        help="which remembered frames a shot sees: the sink + sliding window (the release), or 'prompt': the "
+             "frames whose take (shot + the shots it continues) reads most like the shot's text (TF-IDF over the "
+             "story's prompts)")
+    memory_min_relevance: float = option(
+        0.0, group="memory",
+        help="with --memory-retrieval prompt: leave out takes whose relevance (cosine) is below this")
+    memory_relative_relevance: float = option(
+        0.0, group="memory",
+        help="with --memory-retrieval prompt: leave out takes below this share of the best take's relevance "
+             "(e.g. 0.8 keeps another character's shots out of memory)")
+    embedder: Optional[str] = option(
+        None, group="memory",
+        help="keyframe similarity: open_clip 'MODEL:TAG' or 'MODEL:CHECKPOINT', a local checkpoint (ViT-B-32), "
+             "'hf-hub:...', or 'pixel' (default: ViT-B-32:openai; built-in models: pixel)")
+    aesthetic: Optional[str] = option(
+        None, group="memory", choices=("hpsv3", "none"),
+        help="keyframe quality filter (default: hpsv3; built-in models: none)")
+    hpsv3_checkpoint: Optional[str] = option(
+        None, group="memory", help="HPSv3.safetensors file/folder or hub id (default: MizzenAI/HPSv3)")
+    hpsv3_base: Optional[str] = option(None, group="memory",
+                                       help="Qwen2-VL-7B-Instruct folder or hub id for HPSv3")
+    keyframe_threshold: float = option(KEYFRAME_THRESHOLD, group="memory",
+                                       help="initial CLIP similarity threshold of the keyframe rule")
+
+    # ------------------------------------------------------------------ automatic fields
+    @property
+    def is_builtin(self) -> bool:
+        """A built-in CPU-sized model: the small world's trained base ("toy") or random weights ("tiny")."""
+        from ..builtin import is_builtin
+
+        return is_builtin(self.base)
+
+    def resolved(self) -> "RenderOptions":
+        """A copy with every automatic field decided (idempotent): the base, the sampling defaults of the base
+        (built-in models: ``BUILTIN_SAMPLING``, a 64x64 square unless a size or area is given), the device, the
+        dtype, the low-noise guidance and the output folder. The size from a conditioning image's aspect ratio is
+        left to :func:`~storymem.render.prepare`, which reads the image."""
+        from ..builtin import BUILTIN_SAMPLING, is_builtin
+
+        base = self.base or WAN_I2V_BASE
+        builtin = is_builtin(base)
+        auto = BUILTIN_SAMPLING if builtin else _RELEASE_SAMPLING
+        changes = {k: auto[k] for k in _RELEASE_SAMPLING if getattr(self, k) is None}
+        if builtin and self.height is None and self.width is None and self.area is None:
+            changes.update(height=BUILTIN_SAMPLING["height"], width=BUILTIN_SAMPLING["width"])
+        device = self._resolved_device()
+        changes.update(base=base, device=device, dtype=self._resolved_dtype(device, builtin),
+                       guidance_2=self.guidance if self.guidance_2 is None else self.guidance_2,
+                       out_dir=Path(self.out_dir) if self.out_dir is not None else Path("outputs") / "story")
+        return dataclasses.replace(self, **changes)
+
+    def _resolved_device(self) -> str:
+        from ..devices import resolve_device
+
+        try:
+            return str(resolve_device(self.device))
+        except (RuntimeError, ValueError):
+            raise RenderError(f"--device {self.device!r}: not a torch device") from None
+
+    def _resolved_dtype(self, device: str, builtin: bool) -> str:
+        from ..devices import resolve_dtype_name
+
+        try:
+            return resolve_dtype_name(self.dtype, device, builtin=builtin)
+        except ValueError as err:
+            raise RenderError(f"--dtype: {err}") from None
+
+    # ------------------------------------------------------------------ recorded settings
+    def settings(self) -> dict:
+        """The options that decide the pixels, as JSON values: what a resumed render must match. Every field
+        is recorded (automatic ones as decided). The memory RoPE mode is recorded per shot, not here: it
+        may come from the adapter, known only once it loads."""
+        o = self.resolved()
+        return {
+            "base": o.base,
+            "lora": o.lora,
+            "lora_scale": o.lora_scale,
+            "t2v_model": o.t2v_model,
+            "first_image": file_record(o.first_image),
+            "reference_images": [file_record(p) for p in o.reference_images],
+            "first_shot": o.first_shot,
+            "dtype": o.dtype,
+            "height": o.height,
+            "width": o.width,
+            "frames": o.frames,
+            "fps": o.fps,
+            "steps": o.steps,
+            "guidance": o.guidance,
+            "guidance_2": o.guidance_2,
+            "shift": o.shift,
+            "memory_guidance": o.memory_guidance,
+            "negative_prompt": o.negative_prompt,
+            "t2v": None if not o.t2v_model else {
+                "shift": o.t2v_shift, "guidance": o.t2v_guidance, "guidance_2": o.t2v_guidance_2},
+            "seed": o.seed,
+            "seed_mode": o.seed_mode,
+            "max_memory": o.max_memory,
+            "sink": o.sink,
+            "continuation": o.continuation,
+            "memory_source": o.memory_source,
+            "memory_retrieval": {"mode": o.memory_retrieval, "min_relevance": o.memory_min_relevance,
+                                 "relative_relevance": o.memory_relative_relevance},
+            "embedder": o.embedder,
+            "aesthetic": o.aesthetic,
+            "hpsv3_checkpoint": o.hpsv3_checkpoint if o.aesthetic == "hpsv3" else None,
+            "keyframe_threshold": o.keyframe_threshold,
+        }
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check flag values and combinations of resolved options (no file is read, nothing loads); a bad one
+        is a :class:`RenderError` naming the flag."""
+        self._check_choices()
+        self._check_sampling()
+        self._check_memory()
+        self._check_sources()
+        self._check_placement()
+
+    def _check_choices(self) -> None:
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise RenderError(f"{_flag(f.name)} {value!r}: must be one of {', '.join(choices)}")
+
+    def _check_sampling(self) -> None:
+        o = self
+        if o.frames < 5 or (o.frames - 1) % 4:
+            raise RenderError(f"--frames {o.frames}: must be of the form 4n+1 and at least 5 (e.g. {FRAMES})")
+        for name in ("height", "width"):
+            value = getattr(o, name)
+            if value is not None and (value < 16 or value % 16):
+                raise RenderError(f"--{name} {value}: must be a positive multiple of 16")
+        if (o.height is None) != (o.width is None):
+            raise RenderError("give both --height and --width, or neither (then the size comes from the area and "
+                              "the conditioning image's aspect ratio)")
+        if o.area < 256:
+            raise RenderError(f"--area {o.area}: too small")
+        if o.steps < 1:
+            raise RenderError(f"--steps {o.steps}: must be >= 1")
+        if o.fps <= 0:
+            raise RenderError(f"--fps {o.fps}: must be > 0")
+        for name in ("guidance", "guidance_2", "memory_guidance", "t2v_guidance", "t2v_guidance_2"):
+            value = getattr(o, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise RenderError(f"{_flag(name)} {value}: must be a finite number >= 0")
+        for name in ("shift", "t2v_shift"):
+            if not (math.isfinite(getattr(o, name)) and getattr(o, name) > 0):
+                raise RenderError(f"{_flag(name)} {getattr(o, name)}: must be > 0")
+        if o.seed < 0:
+            raise RenderError(f"--seed {o.seed}: must be >= 0")
+
+    def _check_memory(self) -> None:
+        o = self
+        if o.max_memory < 1:
+            raise RenderError(f"--max-memory {o.max_memory}: must be >= 1")
+        if not 0 <= o.sink <= o.max_memory:
+            raise RenderError(f"--sink {o.sink}: must be between 0 and --max-memory ({o.max_memory})")
+        if o.continuation == "mm2v" and o.frames < MOTION_FRAMES + 4:
+            raise RenderError(f"--frames {o.frames}: MM2V continuations drop {MOTION_FRAMES} frames; use at least "
+                              f"{MOTION_FRAMES + 4}")
+        for name in ("memory_min_relevance", "memory_relative_relevance"):
+            value = getattr(o, name)
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise RenderError(f"{_flag(name)} {value}: must be in [0, 1]")
+            if value and o.memory_retrieval != "prompt":
+                raise RenderError(f"{_flag(name)} {value}: only applies with --memory-retrieval prompt")
+        if o.memory_retrieval != "window" and o.memory_source == "none":
+            raise RenderError(f"--memory-retrieval {o.memory_retrieval} picks memory frames, but --memory-source "
+                              "none renders without memory; drop one of them")
+        if not -1.0 <= o.keyframe_threshold <= 1.0:
+            raise RenderError(f"--keyframe-threshold {o.keyframe_threshold}: must be a cosine in [-1, 1]")
+
+    def _check_sources(self) -> None:
+        o = self
+        starts = [name for name, value in (("--first-shot base", o.first_shot == "base"),
+                                           ("--t2v-model", o.t2v_model), ("--first-image", o.first_image),
+                                           ("--reference-images", o.reference_images)) if value]
+        if len(starts) > 1:
+            raise RenderError(f"{' and '.join(starts)} both decide how shot 1 starts; pass only one")
+        if o.reference_images and o.memory_source == "none":
+            raise RenderError("--reference-images seed the memory, but --memory-source none renders without "
+                              "memory; drop one of them")
+        if len(o.reference_images) > o.max_memory:
+            raise RenderError(f"--reference-images: {len(o.reference_images)} images do not fit --max-memory "
+                              f"{o.max_memory}")
+        from ..builtin import is_builtin
+
+        for flag, value in (("--base", o.base), ("--lora", o.lora), ("--t2v-model", o.t2v_model)):
+            if value and not is_builtin(value) and looks_local(value) and not Path(value).exists():
+                raise RenderError(f"{flag} {value}: not found")
+        if o.lora == "tiny":
+            raise RenderError("--lora tiny: there is no random adapter; --lora toy is the small world's adapter")
+        if not (math.isfinite(o.lora_scale) and o.lora_scale >= 0):
+            raise RenderError(f"--lora-scale {o.lora_scale}: must be a finite number >= 0")
+        if o.lora_scale != 1.0 and not o.lora:
+            raise RenderError(f"--lora-scale {o.lora_scale}: there is no --lora to scale")
+        if o.is_builtin and o.t2v_model:
+            raise RenderError("--t2v-model needs a real --base (the built-in models have no T2V counterpart)")
+
+    def _check_placement(self) -> None:
+        import torch
+
+        from .parallel import check_parallel
+
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RenderError(f"--device {self.device}: CUDA is not available on this machine")
+        if self.offload != "none" and device.type == "cpu":
+            raise RenderError(f"--offload {self.offload}: offloading moves models to an accelerator; --device is "
+                              "cpu")
+        check_parallel(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def shot_seed(shot, base_seed: int, seed_mode: str = "global") -> int:
+    """Seed of a shot: base seed + global shot index, or (``"scene"``, the release's quirk) + index in scene."""
+    if seed_mode == "global":
+        return base_seed + shot.index
+    if seed_mode == "scene":
+        return base_seed + shot.shot_in_scene
+    raise RenderError(f"--seed-mode must be 'global' or 'scene', got {seed_mode!r}")
+
+
+def file_record(path: Optional[Path]) -> Optional[dict]:
+    """A conditioning image as the manifest records it: path and content hash (a changed file is a change)."""
+    if path is None:
+        return None
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return {"path": str(Path(path).resolve()), "sha256": digest}
+
+
+def looks_local(value: str) -> bool:
+    """A path rather than a hub id (hub ids are 'name' or 'org/name[/subfolder]')."""
+    return value.startswith((".", "/", "~")) or "\\" in value or Path(value.split("/")[0]).is_dir()
