@@ -182,13 +182,13 @@ def test_folder_mode_pairs_mask_sidecars(tmp_path):
 
 
 def test_scan_embeds_clips_in_batches_with_the_same_result(clips_dir, tmp_path, monkeypatch):
-    import storymem.training.cache as cache
+    import storymem.training.prepare as prepare
     from storymem.memory import PixelEmbedder
     from storymem.training import PrepareConfig, prepare_dataset
 
     results, forwards = [], []
     for batch in (1, 4):
-        monkeypatch.setattr(cache, "EMBED_BATCH_CLIPS", batch)
+        monkeypatch.setattr(prepare, "EMBED_BATCH_CLIPS", batch)
         embedder = PixelEmbedder()
         summary = prepare_dataset(PrepareConfig(output_dir=tmp_path / f"o{batch}", clips_dir=clips_dir, base="tiny",
                                                 height=SIZE, width=SIZE, num_frames=FRAMES, embedder="pixel",
@@ -495,7 +495,7 @@ def test_train_rejects_mismatched_settings_before_loading_models(prepared, lora_
         train(_train_config(tmp_path / "missing", lora_config_file, tmp_path / "c"))
     with pytest.raises(DataError, match="subject-loss-weight needs subject masks"):
         train(_train_config(prepared, lora_config_file, tmp_path / "d", subject_loss_weight=4.0))
-    with pytest.raises(ValueError, match="subject_loss_weight must be > 0"):
+    with pytest.raises(ValueError, match="subject_loss_weight: must be > 0"):
         train(_train_config(prepared, lora_config_file, tmp_path / "e", subject_loss_weight=0.0))
     with pytest.raises(ValueError, match="no_memory_prob"):
         train(_train_config(prepared, lora_config_file, tmp_path / "f", preserve_base_weight=1.0))
@@ -539,7 +539,7 @@ def test_lora_state_dict_from_wrapped_names_matches_peft():
     from peft.utils import get_peft_model_state_dict
 
     from storymem.lora import add_storymem_adapter
-    from storymem.training.trainer import lora_state_dict_from
+    from storymem.training.checkpoints import lora_state_dict_from
 
     model = load_expert("tiny", "transformer", dtype=torch.float32)
     add_storymem_adapter(model, StoryMemLoraConfig(rank=4, alpha=4.0), adapter_name="storymem")
