@@ -90,8 +90,8 @@ class PrepareConfig:
     device: Optional[str] = option(None, group="run",
                                    help="encoding device (default: cuda when a GPU is present, else cpu)")
     decode_workers: int = option(4, group="run", help="threads decoding videos (each an ffmpeg process)")
-    encode_batch_size: int = option(1, group="run",
-                                    help="clips per VAE / text-encoder call (small sizes encode much faster in batches)")
+    encode_batch_size: int = option(
+        1, group="run", help="clips per VAE / text-encoder call (small sizes encode much faster in batches)")
     progress: bool = option(True, group="run", help="progress bars (default: on)")
 
     def __post_init__(self):

@@ -105,7 +105,7 @@ def train(config: TrainConfig) -> TrainResult:
     accelerator = _make_accelerator(config, output_dir)
     is_fsdp = accelerator.distributed_type == DistributedType.FSDP
     weight_dtype = _weight_dtype(accelerator, is_fsdp)
-    if config.allow_tf32 and torch.cuda.is_available():
+    if config.allow_tf32 and accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
