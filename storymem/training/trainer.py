@@ -38,6 +38,7 @@ from typing import Any, Optional
 import torch
 
 from ..atomic import atomic_write_json, jsonable
+from ..defaults import FPS
 from ..devices import default_device, torch_dtype
 from ..lora import StoryMemLoraConfig, add_storymem_adapter
 from .cache import PreparedDataset
@@ -86,7 +87,7 @@ class _Run:
     is_fsdp: bool
     loss_kwargs: dict
     renderer: Any = None  # ValidationRenderer on the main process with --validation-steps
-    fps: float = 16.0
+    fps: float = float(FPS)
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -148,7 +149,7 @@ def train(config: TrainConfig) -> TrainResult:
     run = _Run(config=config, accelerator=accelerator, transformer=transformer, optimizer=optimizer,
                lr_scheduler=lr_scheduler, dataloader=dataloader, sampler=sampler, adapter_config=adapter_config,
                component=component, output_dir=output_dir, is_fsdp=is_fsdp, loss_kwargs=loss_kwargs,
-               renderer=renderer, fps=data.index.get("fps", 16.0))
+               renderer=renderer, fps=data.index.get("fps", float(FPS)))
     result = _train_loop(run, *_resume(run))
 
     export_adapter(accelerator, transformer, adapter_config, component, result.adapter_dir)

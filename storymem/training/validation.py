@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..conditioning import encode_memory_frames
-from ..defaults import GUIDANCE, MAX_MEMORY, SINK, WAN_NEGATIVE_PROMPT
+from ..defaults import FPS, GUIDANCE, MAX_MEMORY, SINK, WAN_NEGATIVE_PROMPT
 from .cache import PreparedDataset
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class ValidationRenderer:
                 self.other_model = load_expert(base, other, dtype=weight_dtype).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def render(self, model, path, fps: float = 16.0) -> Path:
+    def render(self, model, path, fps: float = float(FPS)) -> Path:
         """Render the story with ``model`` (the unwrapped trained transformer) and write it to ``path``."""
         from ..pipeline import StoryMemPipeline, preprocess_memory_images
         from ..rope import install_memory_rope
