@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from storymem.toy.datasets import make_clip_dataset
-from storymem.training.cache import PrepareConfig, prepare_dataset
+from storymem.training import PrepareConfig, prepare_dataset
 
 
 def main(argv=None) -> int:

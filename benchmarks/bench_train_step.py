@@ -12,19 +12,54 @@ function (memory condition + memory rope + rectified-flow loss) under bf16 autoc
         --text-dim 32 --height 32 --width 32 --num-frames 9 --memory-frames 2 --rank 4
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the options' types are read from the class itself, which also works
+# when the file is run with runpy (as the tests do), where the module's globals are gone by then.
 import argparse
+import dataclasses
 import json
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from diffusers import WanTransformer3DModel
 from diffusers.training_utils import cast_training_params
 
+from storymem.arguments import add_arguments, from_args, option
+from storymem.defaults import MOTION_FRAMES
+from storymem.devices import resolve_device, resolve_dtype_name, torch_dtype
 from storymem.lora import StoryMemLoraConfig, add_storymem_adapter
 from storymem.rope import install_memory_rope
 from storymem.training.loss import flow_matching_loss
+
+
+@dataclass
+class BenchOptions:
+    device: Optional[str] = option(None, help="device (default: cuda when a GPU is present, else cpu)")
+    tiny: bool = option(False, help="tiny model and size (smoke test)")
+    layers: int = option(40, group="model", help="transformer blocks")
+    heads: int = option(40, group="model", help="attention heads")
+    head_dim: int = option(128, group="model", help="channels per head")
+    ffn: int = option(13824, group="model", help="feed-forward width")
+    text_dim: int = option(4096, group="model", help="text embedding width")
+    freq_dim: int = option(256, group="model", help="timestep embedding width")
+    rank: int = option(128, group="model", help="LoRA rank")
+    height: int = option(480, group="sample", help="frame height")
+    width: int = option(832, group="sample", help="frame width")
+    num_frames: int = option(81, group="sample", help="frames of the target clip")
+    memory_frames: int = option(10, group="sample", help="memory frames")
+    context_frames: int = option(1, choices=(0, 1, MOTION_FRAMES), group="sample",
+                                 help="0 M2V, 1 MI2V, 5 MM2V")
+    text_tokens: int = option(512, group="sample", help="text tokens")
+    gradient_checkpointing: bool = option(True, group="run", help="recompute activations (default: on)")
+    steps: int = option(3, group="run", help="timed steps")
+    warmup: int = option(1, group="run", help="untimed steps first")
+    json: Optional[str] = option(None, group="run", help="also write the results here")
+
+
+# --tiny: a one-block model at 32x32x9 (seconds on the CPU).
+TINY = dict(layers=1, heads=2, head_dim=16, ffn=64, text_dim=32, freq_dim=32, height=32, width=32, num_frames=9,
+            memory_frames=2, rank=4, text_tokens=16)
 
 
 def step_flops(cfg: dict, tokens: int, text_tokens: int, checkpointing: bool) -> float:
@@ -37,35 +72,15 @@ def step_flops(cfg: dict, tokens: int, text_tokens: int, checkpointing: bool) ->
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--tiny", action="store_true", help="tiny model and size (smoke test)")
-    ap.add_argument("--layers", type=int, default=40)
-    ap.add_argument("--heads", type=int, default=40)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--ffn", type=int, default=13824)
-    ap.add_argument("--text-dim", type=int, default=4096)
-    ap.add_argument("--freq-dim", type=int, default=256)
-    ap.add_argument("--height", type=int, default=480)
-    ap.add_argument("--width", type=int, default=832)
-    ap.add_argument("--num-frames", type=int, default=81)
-    ap.add_argument("--memory-frames", type=int, default=10)
-    ap.add_argument("--context-frames", type=int, choices=[0, 1, 5], default=1, help="0 M2V, 1 MI2V, 5 MM2V")
-    ap.add_argument("--rank", type=int, default=128)
-    ap.add_argument("--text-tokens", type=int, default=512)
-    ap.add_argument("--no-gradient-checkpointing", action="store_true")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, BenchOptions)
+    args = from_args(BenchOptions, parser.parse_args(argv))
     if args.tiny:
-        args.layers, args.heads, args.head_dim, args.ffn, args.text_dim, args.freq_dim = 1, 2, 16, 64, 32, 32
-        args.height, args.width, args.num_frames, args.memory_frames, args.rank = 32, 32, 9, 2, 4
-        args.text_tokens = 16
+        args = dataclasses.replace(args, **TINY)
 
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = torch_dtype(resolve_dtype_name("auto", device))
     cfg = dict(patch_size=(1, 2, 2), num_attention_heads=args.heads, attention_head_dim=args.head_dim,
                in_channels=36, out_channels=16, text_dim=args.text_dim, freq_dim=args.freq_dim, ffn_dim=args.ffn,
                num_layers=args.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
@@ -81,7 +96,7 @@ def main(argv=None):
     lora = StoryMemLoraConfig(rank=args.rank, alpha=float(args.rank))
     add_storymem_adapter(model, lora)
     model.to(device)
-    if not args.no_gradient_checkpointing:
+    if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     cast_training_params(model, dtype=torch.float32)
     model.train()
@@ -112,7 +127,7 @@ def main(argv=None):
 
     print(f"device={device} dtype={dtype} layers={args.layers} heads={args.heads}x{args.head_dim} ffn={args.ffn} "
           f"rank={args.rank} size={args.height}x{args.width}x{args.num_frames} memory={fm} tokens={tokens} "
-          f"checkpointing={not args.no_gradient_checkpointing}")
+          f"checkpointing={args.gradient_checkpointing}")
     print(f"weights {weights_gib:.2f} GiB, trainable {sum(p.numel() for p in params) / 1e6:.1f}M LoRA parameters")
     for _ in range(args.warmup):
         step()
@@ -127,7 +142,7 @@ def main(argv=None):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     median = sorted(times)[len(times) // 2]
-    flops = step_flops(cfg, tokens, args.text_tokens, not args.no_gradient_checkpointing)
+    flops = step_flops(cfg, tokens, args.text_tokens, args.gradient_checkpointing)
     result = {"step_seconds": median, "steps": times, "tokens": tokens, "memory_frames": fm,
               "tflops_per_s": flops / median / 1e12, "loss": float(loss)}
     if cuda:

@@ -1,4 +1,4 @@
-"""Multi-process training against one process at the same global batch, on the toy model.
+"""Multi-process training against one process at the same global batch, on the built-in tiny model.
 
 Prepares a small clip set, trains the same adapter twice - one process with batch N, then N processes with
 batch 1 each - and checks that the loss curves agree (mean over steps, within a tolerance: the processes see
@@ -18,12 +18,27 @@ import shutil
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from storymem.arguments import add_arguments, from_args, option  # noqa: E402
+
+
+@dataclass
+class CheckOptions:
+    workdir: Path = option(Path("/tmp/storymem_distributed_check"), help="scratch folder (emptied first)")
+    nproc: int = option(2, help="processes of the parallel run")
+    fsdp: bool = option(False, help="FSDP2 through configs/accelerate_fsdp.yaml (GPUs)")
+    steps: int = option(16, help="optimizer steps of each run")
+    tolerance: float = option(0.05, help="largest relative difference of the mean losses")
+    json: Optional[Path] = option(None, help="also write the results here")
+
 
 COLOURS = {"red": (220, 40, 40), "blue": (40, 60, 220), "green": (40, 200, 60)}
 
@@ -50,13 +65,13 @@ def run(cmd, env, log: Path):
 
 
 def adapter_effect(adapter: Path) -> float:
-    """Mean absolute change of the toy pipeline's latents once the adapter is loaded."""
+    """Mean absolute change of the tiny pipeline's latents once the adapter is loaded."""
     import torch
 
     from storymem import StoryMemPipeline
-    from storymem.builtin.tiny import build_tiny_components
+    from storymem.builtin import builtin_components
 
-    pipe = StoryMemPipeline(**build_tiny_components(seed=0))
+    pipe = StoryMemPipeline(**builtin_components("tiny"))  # the weights `--base tiny` trained on
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(prompt="a red square moves right", memory_images=[np.full((32, 32, 3), 128, np.uint8)],
                   height=32, width=32, num_frames=9, num_inference_steps=2, output_type="latent")
@@ -67,14 +82,9 @@ def adapter_effect(adapter: Path) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/storymem_distributed_check"))
-    ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--fsdp", action="store_true", help="FSDP2 through configs/accelerate_fsdp.yaml (GPUs)")
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--tolerance", type=float, default=0.05, help="relative difference of the mean losses")
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, CheckOptions)
+    args = from_args(CheckOptions, parser.parse_args())
 
     from storymem.lora import StoryMemLoraConfig
 

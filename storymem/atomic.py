@@ -82,3 +82,18 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 
 def atomic_write_json(path: PathLike, obj: Any, indent: int = 2) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+__all__ += ["jsonable"]
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` made JSON-serialisable for records such as a run's settings: dicts and lists/tuples recursively,
+    paths as strings, everything else unchanged."""
+    if isinstance(obj, dict):
+        return {key: jsonable(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(value) for value in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

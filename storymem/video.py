@@ -156,12 +156,15 @@ def _check_readable(path: Path) -> None:
         raise VideoError(f"{path}: video file is empty")
 
 
-def _open_reader(path: Path):
-    """Start imageio-ffmpeg's frame reader; return (generator, metadata)."""
+def _open_reader(path: Path, start: float | None = None, end: float | None = None):
+    """Start imageio-ffmpeg's frame reader (from ``start`` to ``end`` seconds); return (generator, metadata)."""
     import imageio_ffmpeg
 
     _check_readable(path)
-    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    # ffmpeg seeks before decoding (-ss as an input option), so a range of a long video costs only that range.
+    seek = ["-ss", f"{start:.6f}"] if start else []
+    duration = ["-t", f"{end - (start or 0.0):.6f}"] if end is not None else []
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", input_params=seek, output_params=duration)
     try:
         meta = next(reader)
     except (OSError, RuntimeError, IndexError, StopIteration, AttributeError) as err:
@@ -188,10 +191,10 @@ def probe_video(path: str | Path) -> VideoInfo:
     )
 
 
-def read_video(path: str | Path) -> tuple[np.ndarray, float]:
-    """Decode a whole video. Returns (uint8 frames [N, H, W, 3] RGB, fps)."""
+def read_video(path: str | Path, start: float | None = None, end: float | None = None) -> tuple[np.ndarray, float]:
+    """Decode a video, or only its ``[start, end)`` seconds. Returns (uint8 frames [N, H, W, 3] RGB, fps)."""
     path = Path(path)
-    reader, meta = _open_reader(path)
+    reader, meta = _open_reader(path, start, end)
     width, height = meta["size"]
     try:
         frames = [np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3) for buffer in reader]
@@ -200,7 +203,8 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float]:
     finally:
         reader.close()
     if not frames:
-        raise VideoError(f"{path}: video has no frames")
+        where = "" if start is None and end is None else f" between {start or 0:.2f}s and {end}s"
+        raise VideoError(f"{path}: video has no frames{where}")
     return np.stack(frames), float(meta.get("fps") or 0.0)
 
 

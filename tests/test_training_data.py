@@ -246,7 +246,7 @@ def test_split_shots_without_pyscenedetect_is_a_clear_error(tmp_path):
         pytest.skip("PySceneDetect is installed")
     except ImportError:
         pass
-    from storymem.training.cache import PrepareConfig, prepare_dataset
+    from storymem.training import PrepareConfig, prepare_dataset
 
     (tmp_path / "a.mp4").write_bytes(b"")
     config = PrepareConfig(output_dir=tmp_path / "out", clips_dir=tmp_path, height=32, width=32, num_frames=9,

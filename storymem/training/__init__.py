@@ -1,20 +1,25 @@
-"""Training StoryMem adapters on clusters of single-shot clips (``train_lora.py``).
+"""Training StoryMem adapters on clusters of single-shot clips (``storymem prepare`` / ``storymem train``).
 
     from storymem.training import PrepareConfig, prepare_dataset, TrainConfig, train
 
-    prepare_dataset(PrepareConfig(output_dir="data/prepared", clips_dir="data/clips", base="Wan-AI/..."))
+    prepare_dataset(PrepareConfig(output_dir="data/prepared", clips_dir="data/clips"))
     train(TrainConfig(lora_config="lora_configs/mi2v_rank128.json", data_dir="data/prepared",
-                      output_dir="runs/high", base="Wan-AI/...", expert="high"))
+                      output_dir="runs/high", expert="high"))
+
+The base is Wan2.2-I2V-A14B (:data:`storymem.defaults.WAN_I2V_BASE`) unless ``base`` names another folder, hub
+id or built-in base (``"toy"``, ``"tiny"``).
 
 Heavy imports (diffusers, accelerate) happen when a name is first used.
 """
 
 _LAZY = {
     "DataError": "storymem.training.errors",
-    "PrepareConfig": "storymem.training.cache",
-    "PrepareSummary": "storymem.training.cache",
+    "TrainingConfigError": "storymem.training.errors",
+    "PrepareConfig": "storymem.training.config",
+    "TrainConfig": "storymem.training.config",
+    "PrepareSummary": "storymem.training.prepare",
+    "prepare_dataset": "storymem.training.prepare",
     "PreparedDataset": "storymem.training.cache",
-    "prepare_dataset": "storymem.training.cache",
     "cluster_embeddings": "storymem.training.clustering",
     "SampleSpec": "storymem.training.data",
     "MemoryBatchSampler": "storymem.training.data",
@@ -24,7 +29,6 @@ _LAZY = {
     "expert_timestep_range": "storymem.training.flow",
     "flow_matching_loss": "storymem.training.loss",
     "build_training_condition": "storymem.training.loss",
-    "TrainConfig": "storymem.training.trainer",
     "TrainResult": "storymem.training.trainer",
     "train": "storymem.training.trainer",
 }

@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..defaults import MAX_MEMORY
 from .cache import CONTEXT_KINDS, PreparedDataset
 
 __all__ = ["SampleSpec", "MemoryBatchSampler", "MemoryClipDataset", "collate_samples"]
@@ -49,7 +50,7 @@ class MemoryBatchSampler:
     """
 
     def __init__(self, clusters: list[list[int]], memory_counts: list[int], batch_size: int = 1,
-                 min_memory: int = 1, max_memory: int = 10, context: Optional[str] = None,
+                 min_memory: int = 1, max_memory: int = MAX_MEMORY, context: Optional[str] = None,
                  context_prob: float = 0.0, caption_dropout: float = 0.0, no_memory_prob: float = 0.0,
                  distractor_prob: float = 0.0, seed: int = 0):
         if batch_size < 1:
@@ -114,7 +115,6 @@ class MemoryBatchSampler:
                 drop = self.caption_dropout > 0 and rng.random() < self.caption_dropout
                 batch.append(SampleSpec(clip=target, memory=memory, context=context, drop_caption=drop))
             yield batch
-
 
     def _with_distractor(self, memory: tuple, target: int, rng: random.Random) -> tuple:
         """``memory`` with one frame replaced by a frame of a clip of another cluster, at a random place."""

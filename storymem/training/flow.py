@@ -16,8 +16,11 @@ from typing import Optional
 
 import torch
 
+from ..defaults import BOUNDARY_RATIO
+
 __all__ = [
     "EXPERTS",
+    "TRAIN_FLOW_SHIFT",
     "expert_timestep_range",
     "flow_interpolate",
     "flow_velocity_target",
@@ -27,6 +30,9 @@ __all__ = [
 ]
 
 NUM_TRAIN_TIMESTEPS = 1000
+# Wan's training shift (the plain Wan2.2-I2V config's 5.0), which noise levels are drawn with here. It is not the
+# sampling shift: the M2V release samples with storymem.defaults.FLOW_SHIFT (4.0).
+TRAIN_FLOW_SHIFT = 5.0
 # CLI name -> pipeline component of the expert ("all": the one transformer of a single-expert base).
 EXPERTS = {"high": "transformer", "low": "transformer_2", "all": "transformer"}
 
@@ -41,7 +47,7 @@ def unshift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return sigma / (shift - (shift - 1.0) * sigma)
 
 
-def expert_timestep_range(expert: str, boundary_ratio: float = 0.9,
+def expert_timestep_range(expert: str, boundary_ratio: float = BOUNDARY_RATIO,
                           num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> tuple[int, int]:
     """Inclusive integer timestep range an expert is trained on.
 
@@ -60,7 +66,8 @@ def expert_timestep_range(expert: str, boundary_ratio: float = 0.9,
     raise ValueError(f"expert must be 'high', 'low' or 'all', got {expert!r}")
 
 
-def sample_timesteps(batch_size: int, expert: str, shift: float = 5.0, boundary_ratio: float = 0.9,
+def sample_timesteps(batch_size: int, expert: str, shift: float = TRAIN_FLOW_SHIFT,
+                     boundary_ratio: float = BOUNDARY_RATIO,
                      generator: Optional[torch.Generator] = None, device=None,
                      num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Timesteps on one expert's side of the boundary, distributed as Wan's shifted uniform noise levels.

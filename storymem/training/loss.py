@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..conditioning import build_memory_condition
+from ..defaults import BOUNDARY_RATIO, ROPE_STRIDE
 from ..rope import memory_rope
-from .flow import flow_interpolate, flow_velocity_target, sample_timesteps
+from .flow import TRAIN_FLOW_SHIFT, flow_interpolate, flow_velocity_target, sample_timesteps
 
 __all__ = ["flow_matching_loss", "build_training_condition"]
 
@@ -22,8 +23,9 @@ def build_training_condition(batch: dict, temporal_scale: int = 4):
                                   batch["num_frames"], batch["num_context_frames"], temporal_scale)
 
 
-def flow_matching_loss(model, batch: dict, expert: str = "high", flow_shift: float = 5.0,
-                       boundary_ratio: float = 0.9, rope_mode: str = "negative", rope_stride: int = 5,
+def flow_matching_loss(model, batch: dict, expert: str = "high", flow_shift: float = TRAIN_FLOW_SHIFT,
+                       boundary_ratio: float = BOUNDARY_RATIO, rope_mode: str = "negative",
+                       rope_stride: int = ROPE_STRIDE,
                        loss_on_memory: bool = False, rope_model=None, weight_dtype: Optional[torch.dtype] = None,
                        generator: Optional[torch.Generator] = None, timesteps: Optional[torch.Tensor] = None,
                        temporal_scale: int = 4, return_errors: bool = False,

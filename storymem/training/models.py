@@ -1,81 +1,89 @@
 """Loading the parts of a Wan2.2-I2V base model that preparation and training need, one part at a time.
 
-``base`` is a diffusers Wan2.2-I2V folder or hub id (``Wan-AI/Wan2.2-I2V-A14B-Diffusers``), ``"toy"``: the small
-world's trained base shipped with the package (:mod:`storymem.builtin`), or ``"tiny"``: random-weight
-components of the same classes, CPU-sized and built from a fixed seed (so ``prepare`` and ``train`` see the same
-weights), for tests and smoke runs.
+``base`` is a diffusers Wan2.2-I2V folder or hub id (:data:`storymem.defaults.WAN_I2V_BASE`), or a built-in
+base of :mod:`storymem.builtin`: ``"toy"`` (the small world's trained base, a diffusers folder shipped with the
+package) or ``"tiny"`` (random-weight components of the same classes, built in code from a fixed seed, so
+``prepare`` and ``train`` see the same weights).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-__all__ = ["TINY_BASE", "TOY_BASE", "is_toy", "load_encoders", "load_expert", "load_scheduler", "base_identity",
-           "resolve_base"]
+from ..builtin import builtin_base_folder, builtin_components, is_builtin
+from ..devices import dtype_kwargs
 
-TOY_BASE = "toy"
-TINY_BASE = "tiny"
+__all__ = ["is_random_base", "resolve_base", "base_identity", "load_encoders", "load_expert", "load_scheduler",
+           "load_boundary_ratio"]
 
 
-def is_toy(base: str) -> bool:
-    """The random-weight tiny base (built in code, not loaded from a folder)."""
-    return str(base) == TINY_BASE
+def is_random_base(base: str) -> bool:
+    """``base`` is a built-in base of random weights built in code (``"tiny"``), not loaded from a folder."""
+    return is_builtin(base) and builtin_base_folder(base) is None
+
+
+def _components_in_code(base: str) -> Optional[dict]:
+    """The components of a base built in code; None for every other base."""
+    return builtin_components(base) if is_random_base(base) else None
 
 
 def resolve_base(base: str) -> str:
-    """``"toy"`` -> the folder of the shipped small-world base; anything else unchanged."""
-    if str(base) == TOY_BASE:
-        from ..builtin import builtin_base_folder
-
-        return str(builtin_base_folder("toy"))
-    return str(base)
-
-
-def _toy_components() -> dict:
-    from ..builtin import builtin_components
-
-    return builtin_components("tiny")
+    """Where a base is loaded from: a built-in base's folder (``"toy"``), else ``base`` unchanged."""
+    base = str(base)
+    folder = builtin_base_folder(base) if is_builtin(base) else None
+    return str(folder) if folder is not None else base
 
 
 def base_identity(base: str) -> str:
-    """How the base is recorded in a prepared dataset (absolute path for folders)."""
-    if is_toy(base) or str(base) == TOY_BASE:
-        return str(base)
+    """How the base is recorded in a prepared dataset and an adapter: a built-in base's name, a folder's
+    absolute path, or the hub id."""
+    base = str(base)
+    if is_builtin(base):
+        return base
     path = Path(base)
-    return str(path.resolve()) if path.exists() else str(base)
+    return str(path.resolve()) if path.exists() else base
 
 
 def _check_base(base: str):
-    if str(base) == TOY_BASE:
-        return
     path = Path(base)
-    if not is_toy(base) and (path.is_absolute() or str(base).startswith(".")) and not path.is_dir():
+    if not is_builtin(base) and (path.is_absolute() or base.startswith(".")) and not path.is_dir():
         raise FileNotFoundError(f"{base}: base model folder not found")
+
+
+def _from_pretrained(cls, base: str, subfolder: str, **kwargs):
+    """``cls.from_pretrained(base, subfolder=...)``; a base that cannot be found (no such folder or hub id,
+    or no network for a hub id not in the cache) raises a one-line FileNotFoundError naming it."""
+    try:
+        return cls.from_pretrained(base, subfolder=subfolder, **kwargs)
+    except OSError as e:  # diffusers, transformers and huggingface_hub report missing models as OSErrors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"{base}: cannot load the base model's {subfolder} ({first})") from None
 
 
 def load_encoders(base: str, device=None, text_dtype: torch.dtype = torch.bfloat16,
                   vae_dtype: torch.dtype = torch.float32):
     """A :class:`~storymem.StoryMemPipeline` holding tokenizer, text encoder, VAE and scheduler (no
-    transformers): what :func:`~storymem.training.cache.prepare_dataset` encodes with."""
+    transformers): what :func:`~storymem.training.prepare_dataset` encodes with."""
     from ..pipeline import StoryMemPipeline
 
-    _check_base(base)
-    base = resolve_base(base)
-    if is_toy(base):
-        parts = _toy_components()
+    _check_base(str(base))
+    parts = _components_in_code(base)
+    if parts is not None:
         parts.update(transformer=None, transformer_2=None)
     else:
         from diffusers import AutoencoderKLWan
         from transformers import AutoTokenizer, UMT5EncoderModel
 
+        folder = resolve_base(base)
         parts = dict(
-            tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer"),
-            text_encoder=UMT5EncoderModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=text_dtype),
-            vae=AutoencoderKLWan.from_pretrained(base, subfolder="vae", torch_dtype=vae_dtype),
-            scheduler=load_scheduler(base),
+            tokenizer=_from_pretrained(AutoTokenizer, folder, "tokenizer"),
+            text_encoder=_from_pretrained(UMT5EncoderModel, folder, "text_encoder", torch_dtype=text_dtype),
+            vae=_from_pretrained(AutoencoderKLWan, folder, "vae", **dtype_kwargs(vae_dtype)),
+            scheduler=load_scheduler(folder),
             transformer=None, transformer_2=None, boundary_ratio=None,
         )
     pipe = StoryMemPipeline(**parts)
@@ -88,55 +96,42 @@ def load_encoders(base: str, device=None, text_dtype: torch.dtype = torch.bfloat
 
 
 def load_scheduler(base: str):
-    base = resolve_base(base)
-    if is_toy(base):
-        return _toy_components()["scheduler"]
+    parts = _components_in_code(base)
+    if parts is not None:
+        return parts["scheduler"]
     from diffusers import UniPCMultistepScheduler
 
-    return UniPCMultistepScheduler.from_pretrained(base, subfolder="scheduler")
+    return _from_pretrained(UniPCMultistepScheduler, resolve_base(base), "scheduler")
 
 
 def load_expert(base: str, expert: str, dtype: torch.dtype = torch.bfloat16, device=None):
     """One expert's transformer (``"transformer"`` high-noise, ``"transformer_2"`` low-noise)."""
-    _check_base(base)
-    base = resolve_base(base)
-    if is_toy(base):
-        model = _toy_components()[expert]
+    _check_base(str(base))
+    parts = _components_in_code(base)
+    if parts is not None:
+        model = parts[expert]
         if model is None:
-            raise ValueError(f"the toy base has no {expert}")
+            raise ValueError(f"the {base} base has no {expert}")
         if model.dtype != dtype:
             model = model.to(dtype=dtype)
     else:
         from diffusers import WanTransformer3DModel
 
-        model = WanTransformer3DModel.from_pretrained(base, subfolder=expert, torch_dtype=dtype)
+        model = _from_pretrained(WanTransformer3DModel, resolve_base(base), expert, **dtype_kwargs(dtype))
     if device is not None:
         model.to(device)
     return model
 
 
-def load_vae(base: str, dtype: torch.dtype = torch.float32, device=None):
-    base = resolve_base(base)
-    if is_toy(base):
-        vae = _toy_components()["vae"]
-    else:
-        from diffusers import AutoencoderKLWan
-
-        vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae", torch_dtype=dtype)
-    vae = vae.to(dtype=dtype).eval().requires_grad_(False)
-    return vae.to(device) if device is not None else vae
-
-
 def load_boundary_ratio(base: str) -> Optional[float]:
     """The pipeline's ``boundary_ratio`` from ``model_index.json`` (0.9 for Wan2.2-A14B)."""
-    base = resolve_base(base)
-    if is_toy(base):
-        return _toy_components()["boundary_ratio"]
-    import json
-
-    path = Path(base) / "model_index.json"
+    parts = _components_in_code(base)
+    if parts is not None:
+        return parts["boundary_ratio"]
+    folder = resolve_base(base)
+    path = Path(folder) / "model_index.json"
     if path.is_file():
         return json.loads(path.read_text()).get("boundary_ratio")
     from huggingface_hub import hf_hub_download
 
-    return json.loads(Path(hf_hub_download(base, "model_index.json")).read_text()).get("boundary_ratio")
+    return json.loads(Path(hf_hub_download(folder, "model_index.json")).read_text()).get("boundary_ratio")

@@ -34,6 +34,7 @@ __all__ = [
     "VIDEO_EXTENSIONS",
     "ClipSource",
     "Skipped",
+    "clip_name",
     "discover_sources",
     "detect_shots",
     "resample_indices",
@@ -62,9 +63,14 @@ class ClipSource:
 
     @property
     def name(self) -> str:
-        if self.start is None and self.end is None:
-            return str(self.path)
-        return f"{self.path}[{self.start or 0:.2f}s-{'end' if self.end is None else f'{self.end:.2f}s'}]"
+        return clip_name(self.path, self.start, self.end)
+
+
+def clip_name(path: Path, start: Optional[float] = None, end: Optional[float] = None) -> str:
+    """How messages name a video or a time range of one: ``clip.mp4`` or ``clip.mp4[1.00s-3.50s]``."""
+    if start is None and end is None:
+        return str(path)
+    return f"{path}[{start or 0:.2f}s-{'end' if end is None else f'{end:.2f}s'}]"
 
 
 @dataclass
@@ -258,37 +264,10 @@ def memory_candidate_positions(num_frames: int, count: int) -> list[int]:
     return sorted(set(positions))
 
 
-def check_sizes(height: int, width: int, num_frames: int, multiple: int = 16, temporal_scale: int = 4):
-    """Validate a training size before any work (VAE stride 8 x patch 2; ``num_frames = 4n + 1``)."""
-    if height <= 0 or width <= 0 or height % multiple or width % multiple:
-        raise DataError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
-    if num_frames < 1 or (num_frames - 1) % temporal_scale:
-        raise DataError(f"num_frames must be of the form {temporal_scale}n+1 (e.g. 81), got {num_frames}")
-
-
 def read_clip(path: Path, start: Optional[float] = None, end: Optional[float] = None) -> tuple[np.ndarray, float]:
-    """Decode a video, or only its ``[start, end)`` seconds (ffmpeg seeks, so a shot of a long video does not
-    decode the whole file). Returns ``(uint8 [N, H, W, 3], fps)``; raises :class:`storymem.video.VideoError`."""
-    from ..video import VideoError, read_video
+    """Decode a clip source: a video, or only its ``[start, end)`` seconds, with :func:`storymem.video.read_video`
+    (ffmpeg seeks, so a shot of a long video does not decode the whole file). Returns ``(uint8 [N, H, W, 3],
+    fps)``; raises :class:`storymem.video.VideoError`."""
+    from ..video import read_video
 
-    if start is None and end is None:
-        return read_video(path)
-    import imageio_ffmpeg
-
-    if not Path(path).is_file():
-        raise VideoError(f"{path}: video file not found")
-    input_params = ["-ss", f"{start:.6f}"] if start else []
-    output_params = ["-t", f"{end - (start or 0.0):.6f}"] if end is not None else []
-    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", input_params=input_params,
-                                        output_params=output_params)
-    try:
-        meta = next(reader)
-        width, height = meta["size"]
-        frames = [np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3) for buffer in reader]
-    except (OSError, RuntimeError, IndexError, StopIteration) as e:
-        raise VideoError(f"{path}: cannot read video ({type(e).__name__}: {str(e).strip()[-200:]})") from None
-    finally:
-        reader.close()
-    if not frames:
-        raise VideoError(f"{path}: no frames between {start or 0:.2f}s and {end}s")
-    return np.stack(frames), float(meta.get("fps") or 0.0)
+    return read_video(path, start, end)

@@ -2,8 +2,8 @@
 
 The story is the captions of a few clips of one cluster of the training set. Shot 1 remembers cached memory
 frames of the cluster's other clips (the training task, at inference); every later shot also remembers the
-middle frame of each shot rendered before it (first 3 kept as a sink, then the most recent, up to 10). All
-shots are joined into one mp4.
+middle frame of each shot rendered before it (as the release's bank: the first ``sink`` kept, then the most
+recent, up to ``max_memory``). All shots are joined into one mp4.
 
 Prompts are encoded once, when the renderer is built; the text encoder is released afterwards.
 """
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..conditioning import encode_memory_frames
+from ..defaults import FPS, GUIDANCE, MAX_MEMORY, SINK, WAN_NEGATIVE_PROMPT
 from .cache import PreparedDataset
 
 logger = logging.getLogger(__name__)
@@ -37,9 +38,9 @@ class ValidationRenderer:
     """
 
     def __init__(self, data: PreparedDataset, base: str, component: str, device, weight_dtype: torch.dtype,
-                 num_shots: int = 3, num_inference_steps: int = 30, guidance_scale: float = 3.5,
-                 other_expert: str = "base", cluster: int = 0, max_memory: int = 10, sink: int = 3, seed: int = 0):
-        from ..pipeline import WAN_NEGATIVE_PROMPT
+                 num_shots: int = 3, num_inference_steps: int = 30, guidance_scale: float = GUIDANCE,
+                 other_expert: str = "base", cluster: int = 0, max_memory: int = MAX_MEMORY, sink: int = SINK,
+                 seed: int = 0):
         from .models import load_boundary_ratio, load_encoders, load_expert
 
         if other_expert not in ("base", "none"):
@@ -75,7 +76,7 @@ class ValidationRenderer:
                 self.other_model = load_expert(base, other, dtype=weight_dtype).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def render(self, model, path, fps: float = 16.0) -> Path:
+    def render(self, model, path, fps: float = float(FPS)) -> Path:
         """Render the story with ``model`` (the unwrapped trained transformer) and write it to ``path``."""
         from ..pipeline import StoryMemPipeline, preprocess_memory_images
         from ..rope import install_memory_rope
