@@ -33,7 +33,8 @@ from typing import Optional
 import torch
 
 from .atomic import atomic_write_json
-from .rope import DEFAULT_STRIDE, ROPE_MODES
+from .defaults import ROPE_STRIDE
+from .rope import ROPE_MODES
 
 __all__ = [
     "AdapterError",
@@ -86,7 +87,7 @@ class StoryMemLoraConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
     memory_rope: str = "negative"
-    memory_rope_stride: int = DEFAULT_STRIDE
+    memory_rope_stride: int = ROPE_STRIDE
     # Conditioning the adapter was trained for: "m2v" (memory only), "mi2v" (+ first frame), "mm2v" (+ 5 frames).
     conditioning: str = "mi2v"
     experts: list[str] = field(default_factory=lambda: ["transformer", "transformer_2"])
