@@ -396,13 +396,12 @@ class StoryMemPipeline(WanImageToVideoPipeline):
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    available = {"latents": latents, "prompt_embeds": prompt_embeds,
-                                 "negative_prompt_embeds": negative_prompt_embeds, "condition": condition}
-                    outputs = callback_on_step_end(self, i, t, {k: available[k] for k in
-                                                                callback_on_step_end_tensor_inputs})
-                    latents = outputs.pop("latents", latents)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
+                               "negative_prompt_embeds": negative_prompt_embeds, "condition": condition}
+                    asked = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, t, asked)
+                    latents, prompt_embeds, negative_prompt_embeds = (
+                        outputs.pop(k, tensors[k]) for k in ("latents", "prompt_embeds", "negative_prompt_embeds"))
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
         self._current_timestep = None
