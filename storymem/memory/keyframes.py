@@ -1,4 +1,5 @@
-"""Keyframe selection: the frames of a finished shot that go into the memory bank (DESIGN §2).
+"""Keyframe selection: the frames of a finished shot that go into the memory bank, picked as the StoryMem
+release picks them.
 
 The release's algorithm, step by step, on a shot's N frames:
 
