@@ -6,7 +6,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "StoryMemPipeline": "storymem.pipeline",
     "size_from_area": "storymem.pipeline",
-    "WAN_NEGATIVE_PROMPT": "storymem.pipeline",
+    "WAN_NEGATIVE_PROMPT": "storymem.defaults",
+    "RELEASE_DEFAULTS": "storymem.defaults",
     "StoryMemLoraConfig": "storymem.lora",
     "load_storymem_lora": "storymem.lora",
     "save_storymem_lora": "storymem.lora",
@@ -27,3 +28,7 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'storymem' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

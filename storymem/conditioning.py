@@ -22,21 +22,15 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
 __all__ = [
-    "CONTEXT_FRAMES",
     "MemoryCondition",
     "build_condition_mask",
     "build_memory_condition",
-    "context_frames_for_mode",
     "encode_memory_frames",
     "encode_video_condition",
     "normalize_latents",
     "denormalize_latents",
     "num_latent_frames",
 ]
-
-# Pixel frames of the new shot that are given (and then dropped from the output) for each mode.
-CONTEXT_FRAMES = {"m2v": 0, "mi2v": 1, "mm2v": 5}
-
 
 def num_latent_frames(num_frames: int, temporal_scale: int = 4) -> int:
     if num_frames < 1 or (num_frames - 1) % temporal_scale != 0:
@@ -211,9 +205,3 @@ def build_memory_condition(
     )
     return MemoryCondition(mask=mask, latents=y, num_memory_frames=fm, num_context_frames=num_context_frames)
 
-
-def context_frames_for_mode(mode: str) -> int:
-    try:
-        return CONTEXT_FRAMES[mode]
-    except KeyError:
-        raise ValueError(f"unknown conditioning mode {mode!r}; expected one of {sorted(CONTEXT_FRAMES)}") from None

@@ -12,8 +12,17 @@ Two on-disk formats are read:
 
 * **published StoryMem folders** (``Wan2.2-MI2V-A14B/``, ``Wan2.2-MM2V-A14B/``): ``backbone_high_noise`` and
   ``backbone_low_noise`` as ``.safetensors`` or ``.pth``, keys as peft writes them on the original WanModel
-  (``base_model.model.blocks.7.self_attn.q.lora_A.weight``). They are renamed with diffusers' Wan LoRA
-  converter and loaded with rank 128, alpha 128 and rsLoRA (scale alpha/sqrt(r)), rope "contiguous".
+  (``base_model.model.blocks.7.self_attn.q.lora_A.weight``), from a local folder or a hub repository. They are
+  renamed with diffusers' Wan LoRA converter and loaded with rank 128, alpha 128 and rsLoRA (scale
+  alpha/sqrt(r)), with the memory RoPE ``"negative"``: memory frame ``j`` of ``fm`` at time position
+  ``-(fm - j) * 5``, the shot at ``0 .. f-1``. That is how the weights were trained (the authors' own training
+  code, and their fixed inference release of January 2026).
+
+**When to use ``memory_rope="contiguous"``.** The first public release (December 2025) left the negative shift
+out of its inference code and placed memory and shot at ``0 .. fm + f - 1``. Pass ``memory_rope="contiguous"``
+(to :func:`load_storymem_lora`, to the pipeline call, or ``--memory-rope contiguous`` to ``storymem render``)
+only to reproduce videos made with that release, or for an adapter that was itself trained with contiguous
+positions (its ``storymem_adapter.json`` then says so and nothing needs to be passed).
 
 Loading is strict: a missing, unexpected or mis-shaped key raises :class:`AdapterError` naming it.
 """
@@ -33,7 +42,8 @@ from typing import Optional
 import torch
 
 from .atomic import atomic_write_json
-from .rope import DEFAULT_STRIDE, ROPE_MODES
+from .defaults import ROPE_STRIDE
+from .rope import ROPE_MODES
 
 __all__ = [
     "AdapterError",
@@ -86,7 +96,7 @@ class StoryMemLoraConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
     memory_rope: str = "negative"
-    memory_rope_stride: int = DEFAULT_STRIDE
+    memory_rope_stride: int = ROPE_STRIDE
     # Conditioning the adapter was trained for: "m2v" (memory only), "mi2v" (+ first frame), "mm2v" (+ 5 frames).
     conditioning: str = "mi2v"
     experts: list[str] = field(default_factory=lambda: ["transformer", "transformer_2"])
@@ -150,9 +160,10 @@ class StoryMemLoraConfig:
 
     @classmethod
     def published(cls, conditioning: str = "mi2v", rank: int = 128) -> "StoryMemLoraConfig":
-        """The config of the published StoryMem weights (DESIGN §1)."""
-        return cls(rank=rank, alpha=128.0, use_rslora=True, dropout=0.05, memory_rope="contiguous",
-                   conditioning=conditioning, source="published")
+        """The config of the published StoryMem weights: rank 128, alpha 128, rsLoRA, dropout 0.05, and the
+        negative memory RoPE at stride 5 they were trained with."""
+        return cls(rank=rank, alpha=128.0, use_rslora=True, dropout=0.05, memory_rope="negative",
+                   memory_rope_stride=ROPE_STRIDE, conditioning=conditioning, source="published")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -332,11 +343,16 @@ def _resolve_folder(path_or_repo, subfolder: Optional[str], **hub_kwargs) -> Pat
 
 
 def load_storymem_lora(pipe, path_or_repo, adapter_name: str = "storymem", subfolder: Optional[str] = None,
-                       **hub_kwargs) -> StoryMemLoraConfig:
+                       memory_rope: Optional[str] = None, **hub_kwargs) -> StoryMemLoraConfig:
     """Load a storymem adapter or a published StoryMem folder into ``pipe.transformer`` / ``transformer_2``.
 
-    Sets ``pipe.memory_rope`` / ``pipe.memory_rope_stride`` from the adapter's metadata and returns its config.
+    Sets ``pipe.memory_rope`` / ``pipe.memory_rope_stride`` from the adapter's metadata (``"negative"`` for the
+    published weights) and returns its config. ``memory_rope`` overrides the recorded placement, e.g.
+    ``"contiguous"`` to reproduce the first public release (see the module doc); the returned config then
+    carries the override.
     """
+    if memory_rope is not None and memory_rope not in ROPE_MODES:
+        raise AdapterError(f"memory_rope must be one of {ROPE_MODES}, got {memory_rope!r}")
     folder = _resolve_folder(path_or_repo, subfolder, **hub_kwargs)
     if not (folder / ADAPTER_CONFIG_NAME).exists() and _find_published_file(folder, PUBLISHED_STEMS["transformer"]) \
             is None and _find_published_file(folder, PUBLISHED_STEMS["transformer_2"]) is None:
@@ -376,6 +392,9 @@ def load_storymem_lora(pipe, path_or_repo, adapter_name: str = "storymem", subfo
             plans.append((expert, converted, str(file)))
         config = StoryMemLoraConfig.published(conditioning, rank=rank)
         config.experts = [e for e, _, _ in plans]
+
+    if memory_rope is not None:
+        config = dataclasses.replace(config, memory_rope=memory_rope)
 
     # Validate everything before touching the model, so a bad second file leaves the pipeline unchanged.
     for expert, state_dict, source in plans:

@@ -3,9 +3,12 @@
 Wan's 3D RoPE gives every token a (time, height, width) position. StoryMem prepends ``fm`` memory latent
 frames along time. Two placements of their time positions:
 
-* ``"negative"`` (the paper): memory frame ``j`` (0 = oldest) at ``-(fm - j) * stride``, the shot at
-  ``0 .. f-1``, so the new shot keeps the positions it was pre-trained with;
-* ``"contiguous"`` (the published release): plain positions ``0 .. fm + f - 1`` over the whole sequence.
+* ``"negative"`` (the paper, and what the published weights were trained with): memory frame ``j``
+  (0 = oldest) at ``-(fm - j) * stride`` (stride 5), the shot at ``0 .. f-1``, so the new shot keeps the
+  positions it was pre-trained with;
+* ``"contiguous"`` (the first public release's inference code, which left the shift out): plain positions
+  ``0 .. fm + f - 1`` over the whole sequence. Use it only to reproduce that release's videos, or with an
+  adapter trained that way.
 
 The module replaces ``transformer.rope`` in place (same name, same output shapes), so the rest of the
 model, ``_cp_plan`` context parallelism (which splits this module's outputs along the sequence), caching
@@ -22,14 +25,15 @@ from typing import Iterator, Optional
 import torch
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
+from .defaults import ROPE_STRIDE
+
 __all__ = ["ROPE_MODES", "MemoryRotaryPosEmbed", "install_memory_rope", "memory_rope", "time_positions"]
 
 ROPE_MODES = ("negative", "contiguous")
-DEFAULT_STRIDE = 5
 
 
 def time_positions(num_memory_frames: int, num_video_frames: int, mode: str = "negative",
-                   stride: int = DEFAULT_STRIDE) -> torch.Tensor:
+                   stride: int = ROPE_STRIDE) -> torch.Tensor:
     """Latent-frame time positions of ``fm`` memory frames followed by ``f`` video frames."""
     if mode not in ROPE_MODES:
         raise ValueError(f"memory_rope must be one of {ROPE_MODES}, got {mode!r}")
@@ -55,7 +59,7 @@ class MemoryRotaryPosEmbed(WanRotaryPosEmbed):
         super().__init__(attention_head_dim, patch_size, max_seq_len, theta)
         self.num_memory_frames = 0
         self.mode = "negative"
-        self.stride = DEFAULT_STRIDE
+        self.stride = ROPE_STRIDE
 
     @classmethod
     def from_wan_rope(cls, rope: WanRotaryPosEmbed) -> "MemoryRotaryPosEmbed":
@@ -65,10 +69,10 @@ class MemoryRotaryPosEmbed(WanRotaryPosEmbed):
         # Share diffusers' frequency tables (buffers: follow .to(), offload and dtype moves).
         for name, buf in rope.named_buffers(recurse=False):
             new.register_buffer(name, buf, persistent=False)
-        new.num_memory_frames, new.mode, new.stride = 0, "negative", DEFAULT_STRIDE
+        new.num_memory_frames, new.mode, new.stride = 0, "negative", ROPE_STRIDE
         return new
 
-    def set_memory_layout(self, num_memory_frames: int, mode: str = "negative", stride: int = DEFAULT_STRIDE):
+    def set_memory_layout(self, num_memory_frames: int, mode: str = "negative", stride: int = ROPE_STRIDE):
         if mode not in ROPE_MODES:
             raise ValueError(f"memory_rope must be one of {ROPE_MODES}, got {mode!r}")
         if num_memory_frames < 0:
@@ -123,7 +127,7 @@ def install_memory_rope(transformer) -> MemoryRotaryPosEmbed:
 
 @contextlib.contextmanager
 def memory_rope(transformers, num_memory_frames: int, mode: str = "negative",
-                stride: int = DEFAULT_STRIDE) -> Iterator[None]:
+                stride: int = ROPE_STRIDE) -> Iterator[None]:
     """Within the block, the given transformer(s) place ``num_memory_frames`` leading frames as memory."""
     if not isinstance(transformers, (list, tuple)):
         transformers = [transformers]
@@ -137,7 +141,3 @@ def memory_rope(transformers, num_memory_frames: int, mode: str = "negative",
         for r, (fm, m, s) in zip(ropes, previous):
             r.num_memory_frames, r.mode, r.stride = fm, m, s
 
-
-def unwrap_rope(transformer) -> Optional[MemoryRotaryPosEmbed]:
-    rope = getattr(transformer, "rope", None)
-    return rope if isinstance(rope, MemoryRotaryPosEmbed) else None

@@ -156,15 +156,13 @@ def _check_readable(path: Path) -> None:
         raise VideoError(f"{path}: video file is empty")
 
 
-def _open_reader(path: Path, start: float | None = None, end: float | None = None):
-    """Start imageio-ffmpeg's frame reader (from ``start`` to ``end`` seconds); return (generator, metadata)."""
+def _open_reader(path: Path, input_params: Sequence[str] = (), output_params: Sequence[str] = ()):
+    """Start imageio-ffmpeg's frame reader; return (generator, metadata)."""
     import imageio_ffmpeg
 
     _check_readable(path)
-    # ffmpeg seeks before decoding (-ss as an input option), so a range of a long video costs only that range.
-    seek = ["-ss", f"{start:.6f}"] if start else []
-    duration = ["-t", f"{end - (start or 0.0):.6f}"] if end is not None else []
-    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", input_params=seek, output_params=duration)
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", input_params=list(input_params),
+                                        output_params=list(output_params))
     try:
         meta = next(reader)
     except (OSError, RuntimeError, IndexError, StopIteration, AttributeError) as err:
@@ -192,9 +190,17 @@ def probe_video(path: str | Path) -> VideoInfo:
 
 
 def read_video(path: str | Path, start: float | None = None, end: float | None = None) -> tuple[np.ndarray, float]:
-    """Decode a video, or only its ``[start, end)`` seconds. Returns (uint8 frames [N, H, W, 3] RGB, fps)."""
+    """Decode a video, or only its ``[start, end)`` seconds (ffmpeg seeks to ``start``, so a shot of a long video
+    does not decode the whole file). Returns (uint8 frames [N, H, W, 3] RGB, fps)."""
     path = Path(path)
-    reader, meta = _open_reader(path, start, end)
+    for name, value in (("start", start), ("end", end)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise VideoError(f"{path}: {name} must be a number of seconds >= 0, got {value!r}")
+    if start is not None and end is not None and end <= start:
+        raise VideoError(f"{path}: end ({end}s) must come after start ({start}s)")
+    input_params = ["-ss", f"{start:.6f}"] if start else []
+    output_params = ["-t", f"{end - (start or 0.0):.6f}"] if end is not None else []
+    reader, meta = _open_reader(path, input_params, output_params)
     width, height = meta["size"]
     try:
         frames = [np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3) for buffer in reader]
@@ -203,8 +209,8 @@ def read_video(path: str | Path, start: float | None = None, end: float | None =
     finally:
         reader.close()
     if not frames:
-        where = "" if start is None and end is None else f" between {start or 0:.2f}s and {end}s"
-        raise VideoError(f"{path}: video has no frames{where}")
+        span = "" if start is None and end is None else f" between {start or 0:.2f}s and {end}s"
+        raise VideoError(f"{path}: video has no frames{span}")
     return np.stack(frames), float(meta.get("fps") or 0.0)
 
 

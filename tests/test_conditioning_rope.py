@@ -1,4 +1,4 @@
-"""The memory-condition mask (DESIGN §1, literally) and the memory-aware rope."""
+"""The memory-condition mask (as the published release builds it, literally) and the memory-aware rope."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from storymem.builtin.tiny import build_tiny_components
 
 
 def _design_mask(fm, num_frames, conditioned_video_frames):
-    """DESIGN §1 word for word: pixel-time mask of length fm + F, first fm+1 entries repeated 4 times."""
+    """The release's rule word for word: pixel-time mask of length fm + F, first fm+1 entries repeated 4 times."""
     pixel = [1.0] * fm + [1.0 if i in conditioned_video_frames else 0.0 for i in range(num_frames)]
     expanded = []
     for i, v in enumerate(pixel):

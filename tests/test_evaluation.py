@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from storymem import evaluation
+from storymem.evaluation import cli
 from storymem.evaluation import (
     EvalConfig,
     EvalError,
@@ -285,8 +286,8 @@ def test_cli_checks_inputs_before_loading_models(tmp_path, monkeypatch, capsys):
     def no_models(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(evaluation, "build_encoder", no_models)
-    monkeypatch.setattr(evaluation, "build_aesthetic", no_models)
+    monkeypatch.setattr(cli, "build_encoder", no_models)
+    monkeypatch.setattr(cli, "build_aesthetic", no_models)
     story_path = write_story(tmp_path, FOX)
     assert evaluation.main([str(tmp_path / "missing"), "--story", str(story_path)]) == 2
     assert "output folder not found" in capsys.readouterr().err
@@ -300,12 +301,15 @@ def test_cli_checks_inputs_before_loading_models(tmp_path, monkeypatch, capsys):
     assert evaluation.main([str(out), "--story", str(story_path), "--viclip-checkpoint", str(tmp_path / "v.pth")]) == 2
     assert "--viclip-checkpoint" in capsys.readouterr().err
     assert evaluation.main([str(out), "--story", str(story_path), "--frames", "0"]) == 2
-    assert "frames_per_shot must be >= 1" in capsys.readouterr().err
+    assert "storymem eval: error: --frames 0: must be >= 1\n" == capsys.readouterr().err
+    assert evaluation.main([str(out), "--story", str(story_path), "--aesthetic-head", str(story_path),
+                            "--hpsv3", "MizzenAI/HPSv3"]) == 2
+    assert "--aesthetic-head (LAION) or --hpsv3, not both" in capsys.readouterr().err
 
 
 def test_cli_writes_report_table_and_chart(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(evaluation, "build_encoder", lambda args: PaletteEncoder())
-    monkeypatch.setattr(evaluation, "build_aesthetic", lambda args, encoder: BrightnessScorer())
+    monkeypatch.setattr(cli, "build_encoder", lambda options: PaletteEncoder())
+    monkeypatch.setattr(cli, "build_aesthetic", lambda options, encoder: BrightnessScorer())
     out = render(tmp_path, FOX, FOX_VIDEOS)
     assert evaluation.main([str(out), "--frames", "4", "--quiet"]) == 0
     printed = capsys.readouterr().out
@@ -493,10 +497,10 @@ def test_open_clip_path_end_to_end(tmp_path, tiny_clip_name, capsys):
     assert report["shots"][0]["aesthetic"] == pytest.approx(report["shots"][2]["aesthetic"], abs=1e-5)
 
     # The LAION head shares the similarity encoder's CLIP when both name the same model.
-    args = evaluation.build_parser().parse_args(argv)
-    args.encoder = "openclip"
-    encoder = evaluation.build_encoder(args)
-    scorer = evaluation.build_aesthetic(args, encoder)
+    options = cli.parse_options(argv)
+    assert options.encoder == "openclip" and options.dtype == "float32"
+    encoder = evaluation.build_encoder(options)
+    scorer = evaluation.build_aesthetic(options, encoder)
     assert scorer.embedder is encoder.embedder
 
     # Aesthetic = head(normalised CLIP embedding of the centre-cropped frame) / 10, frame by frame.

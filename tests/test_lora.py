@@ -1,4 +1,5 @@
-"""Adapters: the published StoryMem layout, exact rsLoRA scaling, storymem round trips, strict errors."""
+"""Adapters: the published StoryMem layout, exact rsLoRA scaling, the memory RoPE the published weights load with,
+storymem round trips, strict errors."""
 
 import json
 import math
@@ -28,8 +29,8 @@ def _published_state_dict(transformer, rank=RANK, seed=0, scale=0.02):
     return sd
 
 
-def _write_published(folder, pipe, fmt_high=".pth", fmt_low=".safetensors", **kw):
-    variant = folder / "Wan2.2-MI2V-A14B"
+def _write_published(folder, pipe, fmt_high=".pth", fmt_low=".safetensors", variant="Wan2.2-MI2V-A14B", **kw):
+    variant = folder / variant
     variant.mkdir(parents=True)
     sds = {}
     for expert, stem, fmt, seed in (("transformer", "backbone_high_noise", fmt_high, 0),
@@ -55,8 +56,8 @@ def test_published_weights_load_with_rslora_scale(tmp_path):
               for e in ("transformer", "transformer_2")}
     sds = _write_published(tmp_path, pipe)
     config = pipe.load_storymem_lora(tmp_path)  # finds the single variant folder
-    assert config.source == "published" and config.memory_rope == "contiguous" and config.conditioning == "mi2v"
-    assert pipe.memory_rope == "contiguous"
+    assert config.source == "published" and config.memory_rope == "negative" and config.conditioning == "mi2v"
+    assert pipe.memory_rope == "negative" and pipe.memory_rope_stride == 5
     assert math.isclose(config.scaling, 128 / math.sqrt(128)) and round(config.scaling, 4) == 11.3137
 
     for expert, prefix in (("transformer", "blocks.1"), ("transformer_2", "blocks.0")):
@@ -82,7 +83,7 @@ def test_storymem_adapter_round_trip_and_diffusers_loader(tmp_path):
     save_storymem_lora(tmp_path / "ours", {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2},
                        config)
     saved = json.loads((tmp_path / "ours" / "storymem_adapter.json").read_text())
-    assert saved["rank"] == RANK and saved["use_rslora"] and saved["memory_rope"] == "contiguous"
+    assert saved["rank"] == RANK and saved["use_rslora"] and saved["memory_rope"] == "negative"
 
     kwargs = dict(prompt="a blue square", memory_images=[torch.rand(3, 32, 32)], height=32, width=32, num_frames=9,
                   num_inference_steps=2, output_type="latent")
@@ -91,7 +92,7 @@ def test_storymem_adapter_round_trip_and_diffusers_loader(tmp_path):
     again = _pipe()
     base = again(generator=torch.Generator().manual_seed(0), **kwargs).frames
     again.load_storymem_lora(tmp_path / "ours")
-    assert again.memory_rope == "contiguous"
+    assert again.memory_rope == "negative"
     reloaded = again(generator=torch.Generator().manual_seed(0), **kwargs).frames
     torch.testing.assert_close(reloaded, reference, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(base, reference)
@@ -105,7 +106,6 @@ def test_storymem_adapter_round_trip_and_diffusers_loader(tmp_path):
         layer = getattr(plain, expert).blocks[0].attn1.to_q
         assert math.isclose(layer.scaling["m"], 128 / math.sqrt(128))
     plain.transformer.eval(), plain.transformer_2.eval()
-    plain.memory_rope = "contiguous"
     torch.testing.assert_close(plain(generator=torch.Generator().manual_seed(0), **kwargs).frames, reference,
                                rtol=1e-5, atol=1e-5)
 
@@ -172,7 +172,8 @@ def test_config_files_in_repo_parse():
 
     folder = Path(__file__).resolve().parents[1] / "lora_configs"
     configs = {p.name: StoryMemLoraConfig.from_file(p) for p in folder.glob("*.json")}
-    assert configs["published_mi2v.json"].memory_rope == "contiguous"
+    assert configs["published_mi2v.json"].memory_rope == "negative"
+    assert configs["published_mi2v.json"] == StoryMemLoraConfig.published()
     main = configs["mi2v_rank128.json"]
     assert (main.rank, main.alpha, main.use_rslora, main.memory_rope, main.memory_rope_stride) == (
         128, 128.0, True, "negative", 5)
@@ -202,3 +203,95 @@ def test_hub_failures_name_the_repository(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(AdapterError, match="org/storymem-adapter: not a local folder.*offline"):
         _pipe().load_storymem_lora("org/storymem-adapter")
+
+
+# ---------------------------------------------------------------------------------------------- memory RoPE
+
+FM, F_LATENT = 2, 3  # two memory images, a 9-frame shot (3 latent frames)
+
+
+def _time_table(head_dim, positions, theta=10000.0):
+    """cos / sin of the time part of Wan's 3D RoPE at the given time positions, from the formula itself: the time
+    axis gets ``head_dim - 4 * (head_dim // 6)`` channels, pair k rotating at ``theta ** (-2k / t_dim)``, each
+    value repeated for the two channels of its pair."""
+    t_dim = head_dim - 4 * (head_dim // 6)
+    freqs = theta ** (-torch.arange(0, t_dim, 2, dtype=torch.float64) / t_dim)
+    angles = torch.tensor(positions, dtype=torch.float64)[:, None] * freqs[None]
+    return angles.cos().repeat_interleave(2, 1).float(), angles.sin().repeat_interleave(2, 1).float()
+
+
+def _render_capturing_rope(pipe, **call_kwargs):
+    """Render a shot with two memory images; return its latents and, for every transformer forward, the time
+    part of the rope's (cos, sin) for each latent frame."""
+    captured = []
+
+    def hook(module, args, output):
+        cos, sin = output
+        _, _, frames, height, width = args[0].shape
+        grid = (frames, height // module.patch_size[1], width // module.patch_size[2], cos.shape[-1])
+        captured.append((module, cos.reshape(grid)[:, 0, 0], sin.reshape(grid)[:, 0, 0]))
+
+    handles = [m.rope.register_forward_hook(hook) for m in (pipe.transformer, pipe.transformer_2)]
+    try:
+        memory = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(j)) for j in range(FM)]
+        latents = pipe("a blue square", memory_images=memory, height=32, width=32, num_frames=9,
+                       num_inference_steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+                       output_type="latent", **call_kwargs).frames
+    finally:
+        for handle in handles:
+            handle.remove()
+    return latents, captured
+
+
+def _assert_time_positions(pipe, captured, positions):
+    head_dim = pipe.transformer.config.attention_head_dim
+    expected_cos, expected_sin = _time_table(head_dim, positions)
+    t_dim = expected_cos.shape[1]
+    # 2 steps, one forward each (no CFG): the high- then the low-noise expert.
+    assert [module for module, _, _ in captured] == [pipe.transformer.rope, pipe.transformer_2.rope]
+    for _, cos, sin in captured:
+        assert cos.shape[0] == FM + F_LATENT
+        torch.testing.assert_close(cos[:, :t_dim], expected_cos, rtol=0, atol=1e-6)
+        torch.testing.assert_close(sin[:, :t_dim], expected_sin, rtol=0, atol=1e-6)
+
+
+NEGATIVE = [-(FM - j) * 5 for j in range(FM)] + list(range(F_LATENT))  # [-10, -5, 0, 1, 2]
+CONTIGUOUS = list(range(FM + F_LATENT))  # [0, 1, 2, 3, 4]
+
+
+def test_published_adapter_renders_memory_at_negative_positions(tmp_path):
+    pipe = _pipe()
+    _write_published(tmp_path, pipe, fmt_high=".safetensors", variant="Wan2.2-MM2V-A14B", rank=4)
+    config = pipe.load_storymem_lora(tmp_path)
+    assert (config.source, config.conditioning, config.memory_rope, config.memory_rope_stride) == (
+        "published", "mm2v", "negative", 5)
+    latents, captured = _render_capturing_rope(pipe)
+    assert latents.shape == (1, 16, F_LATENT, 4, 4)
+    _assert_time_positions(pipe, captured, NEGATIVE)
+    # The check can tell the two placements apart.
+    with pytest.raises(AssertionError):
+        _assert_time_positions(pipe, captured, CONTIGUOUS)
+
+
+def test_contiguous_override_reproduces_the_first_release(tmp_path):
+    _write_published(tmp_path, _pipe(), rank=4)
+    negative = _pipe()
+    negative.load_storymem_lora(tmp_path)
+    reference, _ = _render_capturing_rope(negative)
+
+    # The adapter override: the whole pipeline uses the first release's positions.
+    overridden = _pipe()
+    config = overridden.load_storymem_lora(tmp_path, memory_rope="contiguous")
+    assert config.memory_rope == overridden.memory_rope == "contiguous"
+    by_adapter, captured = _render_capturing_rope(overridden)
+    _assert_time_positions(overridden, captured, CONTIGUOUS)
+
+    # The pipeline argument: one call with the first release's positions, the adapter's default unchanged.
+    by_call, captured = _render_capturing_rope(negative, memory_rope="contiguous")
+    _assert_time_positions(negative, captured, CONTIGUOUS)
+    assert negative.memory_rope == "negative"
+    assert torch.equal(by_call, by_adapter)
+    assert not torch.allclose(by_call, reference)
+
+    with pytest.raises(AdapterError, match="memory_rope must be one of"):
+        _pipe().load_storymem_lora(tmp_path, memory_rope="sideways")

@@ -233,5 +233,5 @@ def test_bad_additions():
         bank.add([tagged_frame(3, 0)], shot=3, embeddings=torch.zeros(2, 4))
     with pytest.raises(MemoryBankError, match="frame_indices"):
         bank.add([tagged_frame(3, 0)], shot=3, frame_indices=[1, 2])
-    with pytest.raises(ValueError, match="uint8"):
-        bank.add([np.zeros((4, 4, 3), np.float32)], shot=3)
+    with pytest.raises(ValueError, match=r"\[0, 1\] \(uint8 images: 0..255\)"):
+        bank.add([np.full((4, 4, 3), 7.0, np.float32)], shot=3)  # a float image not in [0, 1]

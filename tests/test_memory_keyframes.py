@@ -176,7 +176,7 @@ def test_mixed_frame_sizes(selector):
     "frames, message",
     [
         (np.zeros((4, 32, 32, 4), np.uint8), r"\[N, H, W, 3\]"),
-        (np.zeros((4, 32, 32, 3), np.float32), "uint8"),
+        (np.full((4, 32, 32, 3), 255.0, np.float32), r"\[0, 1\] \(uint8 images: 0..255\)"),
         (np.zeros((4, 3, 32, 32), np.uint8), r"\[N, H, W, 3\]"),
         (np.zeros((32, 32, 3), np.uint8), r"\[N, H, W, 3\]"),
     ],
@@ -186,14 +186,15 @@ def test_non_rgb_frames(selector, frames, message):
         selector.select(frames)
 
 
-def test_pil_frames_must_be_rgb(selector):
+def test_frames_in_every_form_of_the_image_contract(selector):
     from PIL import Image
 
-    frames = [Image.new("RGBA", (32, 32)), Image.new("RGBA", (32, 32))]
-    with pytest.raises(ValueError, match="RGBA"):
-        selector.select(frames)
-    rgb = [Image.new("RGB", (32, 32), (10 * i, 0, 0)) for i in range(3)]
-    assert selector.select(rgb) == selector.select(np.stack([np.asarray(im) for im in rgb]))
+    video = pan_video(num_frames=6)
+    expected = selector.select(video)
+    assert selector.select([Image.fromarray(f) for f in video]) == expected
+    assert selector.select([Image.fromarray(f).convert("RGBA") for f in video]) == expected  # converted to RGB
+    assert selector.select(video.astype(np.float32) / 255.0) == expected  # float in [0, 1]
+    assert selector.select(torch.from_numpy(video).permute(0, 3, 1, 2)) == expected  # tensors are [N, 3, H, W]
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""StoryMemPipeline against Wan I2V and against DESIGN §1's transformer-input layout."""
+"""StoryMemPipeline against Wan I2V and against the memory layout of the transformer input (the published release's)."""
 
 import numpy as np
 import pytest
@@ -197,7 +197,9 @@ def test_memory_guidance_extrapolates_from_the_memory_free_prediction():
         (dict(num_frames=10), "4n\\+1"),
         (dict(height=40), "divisible by 16"),
         (dict(width=24), "divisible by 16"),
-        (dict(memory_images=[np.zeros((32, 32, 3), np.uint8), Image.new("RGB", (32, 32))]), "mixes image types"),
+        (dict(motion_frames=[np.zeros((32, 32, 3), np.uint8), Image.new("RGB", (32, 32))]), "mixes image types"),
+        (dict(memory_images=[torch.zeros(32, 32, 3)]), "3xHxW"),
+        (dict(memory_images=np.zeros((2, 3, 32, 32), np.uint8)), "\\[N, H, W, 3\\]"),
         (dict(memory_images=[np.zeros((32, 32), np.uint8)]), "HxWx3"),
         (dict(memory_images=["frame.png"]), "PIL image, a numpy array or a torch tensor"),
         (dict(memory_images=[np.full((32, 32, 3), 2.0, np.float32)]), "\\[0, 1\\]"),
@@ -245,3 +247,42 @@ def test_cache_hooks_and_attention_backend(tiny_pipe):
         model.enable_cache(FirstBlockCacheConfig(threshold=0.5))
     cached = tiny_pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
     assert cached.shape == reference.shape and torch.isfinite(cached).all()
+
+
+def _wan21_image_components():
+    """Wan2.1-I2V's extra components, tiny: a CLIP vision tower and its image processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(hidden_size=8, intermediate_size=16, projection_dim=8, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=32, patch_size=16)
+    processor = CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32})
+    return dict(image_encoder=CLIPVisionModelWithProjection(config).eval(), image_processor=processor)
+
+
+def test_wan21_image_encoder_is_refused_when_built(tmp_path):
+    components = build_tiny_components(seed=0)
+    extra = _wan21_image_components()
+    with pytest.raises(ValueError, match=r"does not use image_encoder / image_processor \(Wan2.1-I2V's CLIP"):
+        StoryMemPipeline(**components, **extra)
+    with pytest.raises(ValueError, match=r"does not use image_processor .*image_processor=None$"):
+        StoryMemPipeline(**components, image_processor=extra["image_processor"])
+
+    # A saved Wan2.1-style folder is refused by from_pretrained too; a Wan2.2 one (no image encoder) loads.
+    WanImageToVideoPipeline(**build_tiny_components(seed=0), **extra).save_pretrained(tmp_path / "wan21")
+    with pytest.raises(ValueError, match="image_encoder"):
+        StoryMemPipeline.from_pretrained(tmp_path / "wan21")
+    WanImageToVideoPipeline(**build_tiny_components(seed=0)).save_pretrained(tmp_path / "wan22")
+    pipe = StoryMemPipeline.from_pretrained(tmp_path / "wan22")
+    assert pipe.image_encoder is None and pipe.image_processor is None
+
+
+def test_overridden_steps_take_storymem_arguments(tiny_pipe):
+    # diffusers' image-to-video versions of these steps cannot be reached through the pipeline.
+    with pytest.raises(ValueError, match="motion_frames"):
+        tiny_pipe.check_inputs(PROMPT, None, H, W, F, motion_frames=[_image(0)] * F)
+    noise = tiny_pipe.prepare_latents(1, 16, 5, H, W, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    assert torch.equal(noise, randn_tensor((1, 16, 5, H // 8, W // 8), generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="memory frames included"):
+        tiny_pipe.prepare_latents(1, 16, 5, H, W, torch.float32, "cpu", None, latents=torch.zeros(1, 16, 3, 4, 4))
+    with pytest.raises(NotImplementedError, match="no image encoder"):
+        tiny_pipe.encode_image(Image.new("RGB", (W, H)))

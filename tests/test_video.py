@@ -79,6 +79,22 @@ def test_read_errors(tmp_path):
         read_video(tmp_path / "text.mp4")
 
 
+def test_read_a_time_range(tmp_path):
+    frames = gradient_video(frames=32)
+    path = write_video(tmp_path / "long.mp4", frames, fps=16, crf=0)
+    part, fps = read_video(path, start=0.5, end=1.25)  # frames 8 .. 19 at 16 fps
+    assert fps == 16 and part.shape == (12, 32, 48, 3)
+    nearest = [int(np.argmin([np.abs(d.astype(int) - f).mean() for f in frames])) for d in part]
+    assert nearest == list(range(8, 20))
+    assert len(read_video(path, end=0.25)[0]) == 4 and len(read_video(path, start=1.75)[0]) == 4
+    with pytest.raises(VideoError, match="end \\(0.5s\\) must come after start \\(1.0s\\)"):
+        read_video(path, start=1.0, end=0.5)
+    with pytest.raises(VideoError, match="start must be a number of seconds >= 0"):
+        read_video(path, start=-1)
+    with pytest.raises(VideoError, match="no frames between 5.00s and 6.0s"):
+        read_video(path, start=5.0, end=6.0)
+
+
 def test_concat_stream_copy(tmp_path):
     a = write_video(tmp_path / "a.mp4", gradient_video(frames=5), crf=0)
     b = write_video(tmp_path / "b.mp4", gradient_video(frames=3, shift=100), crf=0)

@@ -30,17 +30,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-
-from ..atomic import atomic_write_bytes
 import torch
 from PIL import Image
 
-from .images import as_image_list, as_rgb_image, as_video
+from ..atomic import atomic_write_bytes
+from ..defaults import MOTION_FRAMES
+from ..images import uint8_image, uint8_images, uint8_video
 
 MANIFEST_NAME = "memory_bank.json"
 FORMAT_NAME = "storymem-memory-bank"
 FORMAT_VERSION = 1
-MOTION_FRAMES = 5  # MM2V conditions on the previous shot's last 5 frames
 
 
 class MemoryBankError(ValueError):
@@ -94,7 +93,7 @@ class MemoryBank:
 
     def add_references(self, images: Any, embeddings: torch.Tensor | None = None) -> list[MemoryEntry]:
         """MR2V: reference images as the story's first memory entries (before any keyframe)."""
-        images = as_image_list(images, "references")
+        images = uint8_images(images, "references")
         if any(not e.is_reference for e in self._entries):
             raise MemoryBankError("reference images must be added before any shot's keyframes")
         if self.num_references + len(images) > self.max_memory:
@@ -128,7 +127,7 @@ class MemoryBank:
         latest = max((e.shot for e in self._entries if e.shot is not None), default=None)
         if latest is not None and shot < latest:
             raise MemoryBankError(f"keyframes of shot {shot} added after shot {latest}: the bank keeps story order")
-        images = as_image_list(keyframes, f"keyframes of shot {shot}")
+        images = uint8_images(keyframes, f"keyframes of shot {shot}")
         if frame_indices is None:
             indices: list[int | None] = [None] * len(images)
         else:
@@ -228,7 +227,7 @@ class MemoryBank:
 
     def set_last_frames(self, frames: Any, shot: int | None = None) -> None:
         """Keep the end of the shot just rendered (its last `MOTION_FRAMES` frames) for MI2V / MM2V."""
-        video = as_video(frames, "last frames")
+        video = uint8_video(frames, "last frames")
         self._last_frames = [f.copy() for f in video[-MOTION_FRAMES:]]
         self._last_shot = None if shot is None else int(shot)
 
@@ -400,7 +399,7 @@ def _read_png(folder: Path, record: Any, where: str) -> np.ndarray:
         raise MemoryBankError(f"{where}: cannot read image {path} ({exc})") from exc
     if record.get("sha256") != _digest(frame):
         raise MemoryBankError(f"{where}: {path} does not hold the frame the manifest recorded (checksum mismatch)")
-    return as_rgb_image(frame, str(path))
+    return uint8_image(frame, str(path))
 
 
 def _write_embeddings(folder: Path, embeddings: torch.Tensor) -> dict:

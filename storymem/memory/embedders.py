@@ -17,18 +17,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import as_image_list
+from ..devices import DTYPE_NAMES, default_device, torch_dtype
+from ..images import uint8_images
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def open_clip_precision(precision: str | torch.dtype) -> str:
+    """open_clip's precision name for a dtype named as everywhere in storymem (``float32``, ``bfloat16``,
+    ``float16``, their short forms, or a torch dtype); open_clip's own names (``pure_bf16``, ``amp``, ...) pass."""
+    if isinstance(precision, torch.dtype) or precision in DTYPE_NAMES or precision in ("fp32", "bf16", "fp16"):
+        return _OPEN_CLIP_PRECISION[torch_dtype(precision)]
+    return precision
 
 
 @runtime_checkable
 class FrameEmbedder(Protocol):
     def embed(self, images: Any) -> torch.Tensor: ...
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _group_by_size(images: Sequence[np.ndarray]) -> dict[tuple[int, int], list[int]]:
@@ -53,7 +59,8 @@ class OpenCLIPEmbedder:
         device: where the model runs; default CUDA when available.
         batch_size: images per forward.
         model: an already built open_clip model (then `model_name` only selects the tokenizer).
-        precision: open_clip precision ("fp32" like the release, "fp16", "bf16", ...).
+        precision: the model's dtype: "float32" (like the release), "bfloat16", "float16" (or a torch dtype, or
+            one of open_clip's own precision names such as "pure_bf16").
         force_quick_gelu: QuickGELU activations; default: what the pretrained tag was trained with (OpenAI
             weights need it).
         tokenizer: text tokenizer for `embed_text`; default `open_clip.get_tokenizer(model_name)`.
@@ -69,7 +76,7 @@ class OpenCLIPEmbedder:
         device: str | torch.device | None = None,
         batch_size: int = 32,
         model: torch.nn.Module | None = None,
-        precision: str = "fp32",
+        precision: str | torch.dtype = "float32",
         force_quick_gelu: bool | None = None,
         tokenizer: Any = None,
         cache_dir: str | None = None,
@@ -80,7 +87,7 @@ class OpenCLIPEmbedder:
         self.pretrained = str(pretrained) if pretrained is not None else None
         self.device = torch.device(device) if device is not None else default_device()
         self.batch_size = int(batch_size)
-        self.precision = precision
+        self.precision = open_clip_precision(precision)
         self.force_quick_gelu = force_quick_gelu
         self.cache_dir = cache_dir
         self._model = model
@@ -177,7 +184,7 @@ class OpenCLIPEmbedder:
     @torch.no_grad()
     def embed(self, images: Any) -> torch.Tensor:
         """L2-normalised image embeddings [N, D] (float32, CPU), in the order given."""
-        images = as_image_list(images)
+        images = uint8_images(images)
         self.load()
         if not images:
             return torch.zeros(0, self.embedding_dim)
@@ -262,7 +269,7 @@ class PixelEmbedder:
 
     @torch.no_grad()
     def embed(self, images: Any) -> torch.Tensor:
-        images = as_image_list(images)
+        images = uint8_images(images)
         out = torch.zeros(len(images), self.embedding_dim)
         for indices in _group_by_size(images).values():
             for start in range(0, len(indices), self.batch_size):

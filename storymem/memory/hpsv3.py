@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .embedders import default_device
-from .images import IMAGE_FACTOR, as_image_list, smart_resize
+from ..devices import default_device, torch_dtype
+from ..images import uint8_images
+from .images import IMAGE_FACTOR, smart_resize
 from .scorers import check_prompts
 
 REWARD_TOKEN = "<|Reward|>"
@@ -191,7 +192,8 @@ class HPSv3Scorer:
             folder holding `HPSv3.safetensors`, or a Hugging Face Hub repo id ("MizzenAI/HPSv3").
         base: Qwen2-VL-7B-Instruct's processor and config: a Hub id or a local folder.
         device: default CUDA when available.
-        dtype: the model's dtype (bf16 like HPSv3); the reward head always runs in float32.
+        dtype: the model's dtype (bfloat16 like HPSv3; a torch dtype or its name); the reward head always runs in
+            float32.
         batch_size: images per forward.
         image_pixels: HPSv3's fixed image area (256 * 28 * 28).
         attn_implementation: transformers attention backend ("sdpa" like HPSv3 without flash-attn).
@@ -203,7 +205,7 @@ class HPSv3Scorer:
         checkpoint: str | os.PathLike = HPSV3_HUB_ID,
         base: str | os.PathLike = HPSV3_BASE,
         device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: str | torch.dtype = torch.bfloat16,
         batch_size: int = 8,
         image_pixels: int = HPSV3_IMAGE_PIXELS,
         attn_implementation: str = "sdpa",
@@ -216,7 +218,7 @@ class HPSv3Scorer:
         self.checkpoint = str(checkpoint)
         self.base = str(base)
         self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype
+        self.dtype = torch_dtype(dtype)
         self.batch_size = int(batch_size)
         self.image_pixels = int(image_pixels)
         self.attn_implementation = attn_implementation
@@ -306,7 +308,7 @@ class HPSv3Scorer:
     def prepare_inputs(self, images: Any, prompts: Sequence[str] | None = None):
         """Processor outputs (input_ids, attention_mask, pixel_values, image_grid_thw, ...) for one batch."""
         self.load()
-        images = as_image_list(images)
+        images = uint8_images(images)
         prompts = check_prompts(prompts, len(images))
         pil = [resize_for_hpsv3(image, self.image_pixels) for image in images]
         conversations = [hpsv3_messages(p, prompt, self.image_pixels) for p, prompt in zip(pil, prompts)]
@@ -316,7 +318,7 @@ class HPSv3Scorer:
     @torch.inference_mode()
     def rewards(self, images: Any, prompts: Sequence[str] | None = None) -> torch.Tensor:
         """HPSv3's raw output, [N, 2] float32 (mu, sigma), on the CPU."""
-        images = as_image_list(images)
+        images = uint8_images(images)
         prompts = check_prompts(prompts, len(images))
         self.load()
         self.num_calls += 1

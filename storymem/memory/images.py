@@ -1,19 +1,23 @@
-"""Image and video input checks, and the resize rules keyframe selection and HPSv3 share.
+"""The resize rules keyframe selection and HPSv3 share (Qwen2-VL's 28-pixel grid).
 
-Frames travel through `storymem.memory` as uint8 RGB numpy arrays ([H, W, 3] or [N, H, W, 3]). The helpers here
-turn what callers hand in (numpy arrays, PIL images, torch tensors) into that form, or raise a `ValueError`
-naming the offending item before any model runs.
+Frames travel through `storymem.memory` as uint8 RGB numpy arrays ([H, W, 3] or [N, H, W, 3]); what callers may
+hand in, and the conversion, is `storymem.images` (the one image contract of the package). Its conversions are
+re-exported here under the names this package used before: `as_rgb_image` (`uint8_image`), `as_image_list`
+(`uint8_images`), `as_video` (`uint8_video`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+
+from ..images import uint8_image as as_rgb_image, uint8_images as as_image_list, uint8_video as as_video
+
+__all__ = ["IMAGE_FACTOR", "SCORING_MAX_PIXELS", "SCORING_MIN_PIXELS", "as_image_list", "as_rgb_image", "as_video",
+           "resize_for_scoring", "smart_resize"]
 
 # Qwen2-VL's patch grid: HPSv3 and the release's keyframe resize both snap sides to multiples of 28.
 IMAGE_FACTOR = 28
@@ -22,95 +26,6 @@ MAX_ASPECT_RATIO = 200
 # 48 * 28 * 28) before scoring and comparing them.
 SCORING_MAX_PIXELS = 256 * IMAGE_FACTOR * IMAGE_FACTOR
 SCORING_MIN_PIXELS = 48 * IMAGE_FACTOR * IMAGE_FACTOR
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, np.ndarray):
-        return f"numpy array of shape {tuple(x.shape)} and dtype {x.dtype}"
-    if isinstance(x, torch.Tensor):
-        return f"torch tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
-    if isinstance(x, Image.Image):
-        return f"PIL image of mode {x.mode} and size {x.size[0]}x{x.size[1]}"
-    return type(x).__name__
-
-
-def as_rgb_image(image: Any, what: str = "image") -> np.ndarray:
-    """One image as a uint8 [H, W, 3] RGB array.
-
-    Accepts a PIL image in mode RGB, or a uint8 numpy array / CPU torch tensor of shape [H, W, 3]. Anything
-    else (RGBA, grey, float arrays, CHW layout) raises a `ValueError` naming `what`: silently converting
-    such inputs would hide a caller bug (a float image in [0, 1] cast to uint8 is black).
-    """
-    if isinstance(image, Image.Image):
-        if image.mode != "RGB":
-            raise ValueError(f"{what}: expected an RGB image, got a PIL image in mode {image.mode!r}; convert it first")
-        return np.asarray(image, dtype=np.uint8)
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if not isinstance(image, np.ndarray):
-        raise ValueError(f"{what}: expected a uint8 [H, W, 3] array or a PIL image, got {_describe(image)}")
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"{what}: expected an RGB image of shape [H, W, 3], got {_describe(image)}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"{what}: expected dtype uint8 (0..255), got {_describe(image)}")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"{what}: image is empty ({_describe(image)})")
-    return image
-
-
-def as_image_list(images: Any, what: str = "images") -> list[np.ndarray]:
-    """A batch of images (sizes may differ) as a list of uint8 [H, W, 3] arrays.
-
-    Accepts a sequence of PIL images / uint8 arrays, a uint8 array [N, H, W, 3], a uint8 tensor [N, H, W, 3],
-    or a float tensor [N, 3, H, W] with values in [0, 1] (torchvision's layout).
-    """
-    if isinstance(images, torch.Tensor) and images.ndim == 4 and images.is_floating_point():
-        if images.shape[1] != 3:
-            raise ValueError(f"{what}: a float tensor must be [N, 3, H, W] in [0, 1], got {_describe(images)}")
-        values = images.detach().float()
-        if not torch.isfinite(values).all() or values.min() < 0 or values.max() > 1:
-            raise ValueError(f"{what}: a float tensor must hold finite values in [0, 1]")
-        as_uint8 = (values * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [frame for frame in as_uint8]
-    if isinstance(images, (np.ndarray, torch.Tensor)):
-        array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else images
-        if array.ndim == 3 and array.shape[-1] == 3:
-            raise ValueError(f"{what}: got a single image {_describe(images)}; pass a list or an [N, H, W, 3] batch")
-        if array.ndim != 4:
-            raise ValueError(f"{what}: expected a batch of shape [N, H, W, 3], got {_describe(images)}")
-        return [as_rgb_image(frame, f"{what}[{i}]") for i, frame in enumerate(array)]
-    if isinstance(images, Image.Image) or not isinstance(images, Sequence):
-        raise ValueError(f"{what}: expected a list of images or an [N, H, W, 3] array, got {_describe(images)}")
-    return [as_rgb_image(image, f"{what}[{i}]") for i, image in enumerate(images)]
-
-
-def as_video(frames: Any, what: str = "frames") -> np.ndarray:
-    """A shot's frames as one uint8 array [N, H, W, 3] (N >= 1, every frame the same size).
-
-    Also takes a list of same-sized images, or a float tensor [N, 3, H, W] in [0, 1] (see `as_image_list`)."""
-    if isinstance(frames, torch.Tensor) and not frames.is_floating_point():
-        frames = frames.detach().cpu().numpy()
-    if isinstance(frames, np.ndarray):
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"{what}: expected RGB frames of shape [N, H, W, 3], got {_describe(frames)}")
-        if frames.dtype != np.uint8:
-            raise ValueError(f"{what}: expected dtype uint8 (0..255), got {_describe(frames)}")
-        if frames.shape[0] == 0:
-            raise ValueError(f"{what}: the video has no frames")
-        if frames.shape[1] == 0 or frames.shape[2] == 0:
-            raise ValueError(f"{what}: frames are empty ({_describe(frames)})")
-        return frames
-    images = as_image_list(frames, what)
-    if not images:
-        raise ValueError(f"{what}: the video has no frames")
-    first = images[0].shape
-    for i, image in enumerate(images):
-        if image.shape != first:
-            raise ValueError(
-                f"{what}: frames must share one size; {what}[{i}] is {image.shape[0]}x{image.shape[1]} "
-                f"but {what}[0] is {first[0]}x{first[1]}"
-            )
-    return np.stack(images)
 
 
 def smart_resize(
@@ -149,6 +64,3 @@ def resize_for_scoring(frames: np.ndarray) -> np.ndarray:
     resized = F.interpolate(video, size=list(target), mode="bilinear", antialias=True)
     return resized.permute(0, 2, 3, 1).contiguous().numpy()
 
-
-def to_pil(image: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.ascontiguousarray(as_rgb_image(image)))

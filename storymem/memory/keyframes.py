@@ -1,4 +1,5 @@
-"""Keyframe selection: the frames of a finished shot that go into the memory bank (DESIGN §2).
+"""Keyframe selection: the frames of a finished shot that go into the memory bank, picked as the StoryMem
+release picks them.
 
 The release's algorithm, step by step, on a shot's N frames:
 
@@ -43,7 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import as_image_list, as_video, resize_for_scoring
+from ..images import uint8_images, uint8_video
+from .images import resize_for_scoring
 from .scorers import check_scores
 
 
@@ -148,7 +150,7 @@ class KeyframeSelector:
 
     def extract(self, frames: Any, memory: Any = ()) -> KeyframeSelection:
         """Like `select`, with the embeddings of the kept keyframes, the scores and the costs."""
-        video = as_video(frames)
+        video = uint8_video(frames)
         memory = _check_memory(memory)
         self.last_stats = stats = KeyframeStats(frames=len(video))
         forwards_before = getattr(self.embedder, "num_forwards", None)
@@ -199,7 +201,7 @@ class KeyframeSelector:
     # ------------------------------------------------------------------------------------------ steps
 
     def _embed(self, images: Any, stats: KeyframeStats, what: str) -> torch.Tensor:
-        images = images if isinstance(images, np.ndarray) else as_image_list(images, what)
+        images = images if isinstance(images, np.ndarray) else uint8_images(images, what)
         rows = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
@@ -279,4 +281,4 @@ def _check_memory(memory: Any):
         return memory.detach().float().cpu()
     if isinstance(memory, (list, tuple)) and len(memory) == 0:
         return None
-    return as_image_list(memory, "memory")
+    return uint8_images(memory, "memory")

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import IMAGE_FACTOR, SCORING_MAX_PIXELS, SCORING_MIN_PIXELS, as_image_list, as_video, smart_resize
+from ..images import uint8_images, uint8_video
+from .images import IMAGE_FACTOR, SCORING_MAX_PIXELS, SCORING_MIN_PIXELS, smart_resize
 
 MIN_FRAME_SIMILARITY = 0.9
 MAX_KEYFRAME_NUM = 3
@@ -96,7 +97,7 @@ def release_keyframes(
                 last_keyframe = current_frame
         return keyframe_indices
 
-    video = torch.from_numpy(np.ascontiguousarray(as_video(frames))).permute(0, 3, 1, 2)  # T, C, H, W
+    video = torch.from_numpy(np.ascontiguousarray(uint8_video(frames))).permute(0, 3, 1, 2)  # T, C, H, W
     while True:
         keyframe_indices = extract_keyframe_indices(video, threshold)
         if len(keyframe_indices) > max_keyframes:
@@ -104,7 +105,7 @@ def release_keyframes(
         else:
             break
 
-    remembered_images = as_image_list(memory, "memory") if memory is not None and len(memory) > 0 else []
+    remembered_images = uint8_images(memory, "memory") if memory is not None and len(memory) > 0 else []
     memory_bank = [torch.from_numpy(np.ascontiguousarray(m)).permute(2, 0, 1) for m in remembered_images]
     kept = []
     for index in keyframe_indices:

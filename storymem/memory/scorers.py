@@ -4,7 +4,8 @@ Interface (duck-typed, see `AestheticScorer`): `.score(images, prompts=None) -> 
 per image; `prompts` (one string per image, or None for empty prompts) is what prompt-aware scorers such as
 HPSv3 rate the image against. Keyframe selection scores with empty prompts, as the release does.
 
-`HPSv3Scorer` lives in `storymem.memory.hpsv3` (it imports transformers); it is importable from here too.
+`HPSv3Scorer` lives in `storymem.memory.hpsv3` (it imports transformers, and imports this module's checks; this
+module does not import it back).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from .images import as_image_list
+from ..images import uint8_images
 
 
 @runtime_checkable
@@ -64,7 +65,7 @@ class NullScorer:
         self.num_images = 0
 
     def score(self, images: Any, prompts: Sequence[str] | None = None) -> list[float]:
-        images = as_image_list(images)
+        images = uint8_images(images)
         check_prompts(prompts, len(images))
         self.num_calls += 1
         self.num_images += len(images)
@@ -73,11 +74,3 @@ class NullScorer:
     def __repr__(self) -> str:
         return f"NullScorer(value={self.value})"
 
-
-def __getattr__(name: str):
-    # HPSv3Scorer pulls in transformers; import it only when asked for.
-    if name == "HPSv3Scorer":
-        from .hpsv3 import HPSv3Scorer
-
-        return HPSv3Scorer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
