@@ -204,6 +204,14 @@ def compile_experts(pipe_or_models, dynamic: bool = True, fullgraph: bool = True
     LoRA layers cost time in every forward, compiled or not). Works on a pipeline (both experts; the T2V
     pipeline's too) or on models. Returns the names compiled; :func:`compile_stats` measures the compile time.
     """
+    if dynamic:
+        # Without this, sizes equal by chance at the first compile are assumed equal for good (e.g. 30 latent
+        # frames = 30 latent rows at 9 memory frames and 480p), and the next memory count recompiles.
+        # Process-wide, and it only matters for dynamic shapes.
+        from torch.fx.experimental import _config as fx_config
+
+        if hasattr(fx_config, "use_duck_shape"):
+            fx_config.use_duck_shape = False
     kwargs = dict(fullgraph=fullgraph, dynamic=dynamic)
     if mode:
         kwargs["mode"] = mode
