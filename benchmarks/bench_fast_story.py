@@ -253,7 +253,8 @@ class RandomHPSv3Scorer:
                              torch.randint(0, 151000, (self.text_tokens - half,), generator=gen),
                              torch.tensor([self.reward_id])])[None]
             out = self.model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                             pixel_values=pixels.to(device, dtype), image_grid_thw=torch.tensor([[1, g, g]], device=device),
+                             pixel_values=pixels.to(device, dtype),
+                             image_grid_thw=torch.tensor([[1, g, g]], device=device),
                              reward_token_id=self.reward_id)
             scores.append(float(out[0, 0]))
         return scores
@@ -293,7 +294,8 @@ def recompile_sweep(model, counts, args, device):
 
     f = (args.sweep_frames - 1) // 4 + 1
     h, w = args.height // 8, args.width // 8
-    text = torch.randn(1, 512, model.config.text_dim, device=device, dtype=torch.bfloat16 if args.cuda else torch.float32)
+    dtype = torch.bfloat16 if args.cuda else torch.float32
+    text = torch.randn(1, 512, model.config.text_dim, device=device, dtype=dtype)
     before = compile_stats()
     times = {}
     for fm in counts:
@@ -346,7 +348,8 @@ def run(args):
         row["extrapolated_s_per_shot"] = round(row["s_per_shot"] + per_step * (40 - args.release_steps), 1)
         rows.append(row)
         print_row(row)
-        print(f"{'':22s} extrapolated to 40 steps x 2 forwards: {row['extrapolated_s_per_shot']:.1f} s/shot", flush=True)
+        print(f"{'':22s} extrapolated to 40 steps x 2 forwards: {row['extrapolated_s_per_shot']:.1f} s/shot",
+              flush=True)
 
     # Lightning: a distill LoRA in lightx2v's format beside the StoryMem adapter, fused.
     lightning = resolve_preset("lightning")
@@ -369,9 +372,9 @@ def run(args):
     lora_info = dict(write_s=round(t2 - t1, 1), validate_s=round(t3 - t2, 1), load_s=round(t4 - t3, 1),
                      fuse_s=round(time.perf_counter() - t5, 1), fuse_relative_error=fuse.relative_error,
                      unfused_s_per_forward=unfused_row["s_per_forward"])
-    print(f"distill LoRA rank {args.distill_rank}: written {lora_info['write_s']} s, validated {lora_info['validate_s']} "
-          f"s, loaded {lora_info['load_s']} s, fused {lora_info['fuse_s']} s (relative difference "
-          f"{', '.join(f'{v:.2%}' for v in fuse.relative_error.values())}); unfused "
+    print(f"distill LoRA rank {args.distill_rank}: written {lora_info['write_s']} s, validated "
+          f"{lora_info['validate_s']} s, loaded {lora_info['load_s']} s, fused {lora_info['fuse_s']} s (relative "
+          f"difference {', '.join(f'{v:.2%}' for v in fuse.relative_error.values())}); unfused "
           f"{unfused_row['s_per_forward']:.3f} s/forward", flush=True)
     row, _ = measure_shot(pipe, meter, timer, dict(prompt, **kwargs), memory, args, "lightning")
     row["lora"] = lora_info

@@ -109,25 +109,23 @@ def _expert_of(name: str) -> Optional[str]:
     return next(e for e, level in EXPERTS.items() if level == levels[0])
 
 
-def _pair_from_folder(folder: Path, source: str, experts: Sequence[str]) -> dict[str, Path]:
-    candidates = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" and p.is_file())
-    found: dict[str, list[Path]] = {e: [] for e in EXPERTS}
-    for path in candidates:
-        expert = _expert_of(path.stem)
-        if expert is not None:
-            found[expert].append(path)
-    files = {}
+def _pick_pair(names: Sequence[str], source: str, experts: Sequence[str]) -> dict[str, str]:
+    """One high-noise and one low-noise name among the ``.safetensors`` files ``names`` (a folder's or a hub
+    repository's), for the experts asked for; refused, listing the candidates, when missing or ambiguous."""
+    candidates = sorted(n for n in names if n.endswith(".safetensors"))
+    picked = {}
     for expert in experts:
         level = EXPERTS[expert]
-        if not found[expert]:
+        matches = [n for n in candidates if _expert_of(Path(n).stem) == expert]
+        if not matches:
             raise DistillLoraError(f"{source}: no {level}-noise file (a .safetensors file named with '{level}', "
                                    f"e.g. {level}_noise_model.safetensors) for {expert}; found: "
-                                   f"{[p.name for p in candidates] or 'no .safetensors files'}")
-        if len(found[expert]) > 1:
-            raise DistillLoraError(f"{source}: several {level}-noise files {[p.name for p in found[expert]]}; "
-                                   "give the pair as HIGH.safetensors,LOW.safetensors")
-        files[expert] = found[expert][0]
-    return files
+                                   f"{candidates or 'no .safetensors files'}")
+        if len(matches) > 1:
+            raise DistillLoraError(f"{source}: several {level}-noise files {matches}; give the pair as "
+                                   "HIGH.safetensors,LOW.safetensors")
+        picked[expert] = matches[0]
+    return picked
 
 
 def _hub_file(ref: str, **hub_kwargs) -> Path:
@@ -147,22 +145,11 @@ def _hub_pair(ref: str, experts: Sequence[str], **hub_kwargs) -> dict[str, Path]
     parts = ref.split("/", 2)
     repo, sub = f"{parts[0]}/{parts[1]}", (parts[2].strip("/") + "/" if len(parts) > 2 else "")
     try:
-        names = [n for n in list_repo_files(repo, **{k: v for k, v in hub_kwargs.items() if k in ("revision",
-                                                                                                  "token")})
-                 if n.endswith(".safetensors") and n.startswith(sub) and "/" not in n[len(sub):]]
+        listed = list_repo_files(repo, **{k: v for k, v in hub_kwargs.items() if k in ("revision", "token")})
     except Exception as e:
         raise DistillLoraError(f"{ref}: not a local folder, and listing it on the hub failed ({e})") from None
-    files = {}
-    for expert in experts:
-        level = EXPERTS[expert]
-        matches = [n for n in names if _expert_of(Path(n).stem) == expert]
-        if len(matches) != 1:
-            what = "no" if not matches else "several"
-            raise DistillLoraError(f"{ref}: {what} {level}-noise .safetensors files in {repo}/{sub or ''} "
-                                   f"({matches or names}); give the pair as org/name/HIGH.safetensors,"
-                                   "org/name/LOW.safetensors or a subfolder")
-        files[expert] = _hub_file(f"{repo}/{matches[0]}", **hub_kwargs)
-    return files
+    names = [n for n in listed if n.startswith(sub) and "/" not in n[len(sub):]]
+    return {e: _hub_file(f"{repo}/{n}", **hub_kwargs) for e, n in _pick_pair(names, ref, experts).items()}
 
 
 def resolve_distill_lora(source: Union[str, Path, Sequence], experts: Sequence[str] = tuple(EXPERTS),
@@ -187,8 +174,9 @@ def resolve_distill_lora(source: Union[str, Path, Sequence], experts: Sequence[s
     label = ",".join(parts) if parts else str(source)
     if parts is not None:
         if len(parts) != len(experts):
-            raise DistillLoraError(f"{label}: expected {len(experts)} files ({', '.join(EXPERTS[e] + '-noise' for e in experts)}"
-                                   f" in that order), got {len(parts)}")
+            levels = ", ".join(EXPERTS[e] + "-noise" for e in experts)
+            raise DistillLoraError(f"{label}: expected {len(experts)} files ({levels}, in that order), "
+                                   f"got {len(parts)}")
         files = {}
         for expert, part in zip(experts, parts):
             path = Path(part).expanduser()
@@ -201,7 +189,8 @@ def resolve_distill_lora(source: Union[str, Path, Sequence], experts: Sequence[s
         return DistillLoraFiles(files, label)
     path = Path(source).expanduser()
     if path.is_dir():
-        return DistillLoraFiles(_pair_from_folder(path, str(path), experts), str(path))
+        names = [p.name for p in path.iterdir() if p.is_file()]
+        return DistillLoraFiles({e: path / n for e, n in _pick_pair(names, str(path), experts).items()}, str(path))
     if path.is_file():
         if len(experts) == 1:
             return DistillLoraFiles({experts[0]: path}, str(path))
@@ -414,7 +403,7 @@ def _clean_module(wan: str, keys: dict[str, str], spec: _Module, tensors: dict, 
             continue
         if zero(kind):
             ignored.append(key)  # diffusers would skip it; all zeros, so skipping changes nothing
-        elif kind in ("lora_down.weight", "lora_up.weight"):
+        elif spec.diffusers is not None and kind in ("lora_down.weight", "lora_up.weight"):
             problems.append(f"{key} (its {'up' if kind == 'lora_down.weight' else 'down'} half is missing)")
         else:
             problems.append(f"{key} (non-zero, and diffusers' Wan loader would not apply it)")
@@ -496,7 +485,8 @@ def load_distill_lora(pipe, lora: DistillLora, adapter_name: str = DISTILL_ADAPT
     StoryMem one), with diffusers' ``load_lora_weights(..., adapter_name, load_into_transformer_2=True)``.
 
     Afterwards every module the file names must carry the adapter, or the adapter is removed again and
-    :class:`DistillLoraError` names what diffusers skipped. Scales: :func:`set_lora_scales`.
+    :class:`DistillLoraError` names what diffusers skipped. Afterwards every adapter of the experts is active
+    at scale 1: give the scales with :func:`set_lora_scales`.
     """
     for expert in lora.state_dicts:
         model = getattr(pipe, expert, None)
@@ -509,7 +499,6 @@ def load_distill_lora(pipe, lora: DistillLora, adapter_name: str = DISTILL_ADAPT
         if unfit:
             raise DistillLoraError(f"{lora.files[expert]}: validated for another {expert} config "
                                    f"(no {_summarise(unfit)})")
-    previous = {e: _active_scales(getattr(pipe, e)) for e in lora.state_dicts}
     for expert, state_dict in lora.state_dicts.items():
         model = getattr(pipe, expert)
         was_training = model.training
@@ -530,29 +519,9 @@ def load_distill_lora(pipe, lora: DistillLora, adapter_name: str = DISTILL_ADAPT
             model.delete_adapters(adapter_name)
             raise DistillLoraError(f"{lora.files[expert]}: diffusers left {len(missing)} modules of {expert} "
                                    f"without the LoRA: {_summarise(missing)}")
-    # Keep the adapters that were active, each at its scale, and add this one at 1.
-    for expert, scales in previous.items():
-        set_lora_scales(pipe, {**scales, adapter_name: 1.0}, experts=[expert])
-
-
-def _active_scales(model) -> dict[str, float]:
-    """{adapter: scale} of the adapters active in ``model``, read back from peft's layers (scaling = scale *
-    alpha / r, or alpha / sqrt(r) with rsLoRA)."""
-    from peft.tuners.lora import LoraLayer
-
-    scales: dict[str, float] = {}
-    if not getattr(model, "peft_config", None):
-        return scales
-    for module in model.modules():
-        if not isinstance(module, LoraLayer) or module.disable_adapters:
-            continue
-        for name in module.active_adapters:
-            if name in scales or name not in module.scaling:
-                continue
-            r, alpha = module.r[name], module.lora_alpha[name]
-            unit = alpha / (math.sqrt(r) if module.use_rslora.get(name) else r)
-            scales[name] = module.scaling[name] / unit if unit else 1.0
-    return scales
+    # Every loaded adapter active at scale 1 (an earlier set_lora_scales is undone: set the scales afterwards).
+    for expert in lora.state_dicts:
+        set_lora_scales(pipe, {name: 1.0 for name in getattr(pipe, expert).peft_config}, experts=[expert])
 
 
 def set_lora_scales(pipe, scales: Mapping[str, Union[float, Mapping[str, float]]],
