@@ -461,6 +461,11 @@ class SpeedOptions:
                                          help="distilled few-step LoRA for the I2V experts: a folder with "
                                               "high/low-noise .safetensors, HIGH,LOW files, or a hub id")
     distill_lora_scale: float = option(1.0, group="speed", help="scale of --distill-lora")
+    distill_lora_skip: list[str] = option(default_factory=list, group="speed", choices=("image", "unapplied"),
+                                          help="leave these keys of the distill LoRAs out instead of refusing the "
+                                               "file (recorded in the manifest): image (image cross-attention "
+                                               "keys, e.g. lightx2v's 1022 LoRAs), unapplied (non-zero diffs "
+                                               "diffusers does not apply)")
     t2v_distill_lora: Optional[str] = option(None, group="speed", metavar="PATH",
                                              help="distilled LoRA for the T2V first shot's experts (same forms)")
     t2v_distill_lora_scale: float = option(1.0, group="speed", help="scale of --t2v-distill-lora")

@@ -12,7 +12,8 @@ The steps, each usable alone:
 2. :func:`validate_distill_lora` - every key of every file checked against the experts' configs (module known,
    shape fitting ``dim = heads * head_dim``, ``ffn_dim``, ``text_dim`` ..., values finite) *before any model
    loads*. Keys diffusers would skip silently are refused, unless they hold only zeros (then skipping them
-   changes nothing and they are dropped here, listed in ``ignored``);
+   changes nothing and they are dropped here, listed in ``ignored``) or the caller names their category in
+   ``skip`` (:data:`SKIP_CATEGORIES`: image cross-attention keys, unapplied diffs; listed in ``skipped``);
 3. :func:`load_distill_lora` - into both experts through diffusers' own ``load_lora_weights(...,
    adapter_name=..., load_into_transformer_2=True)``, then checked: every module the file names must carry it;
 4. :func:`set_lora_scales` - each adapter its own scale (the StoryMem adapter's and the distill LoRA's);
@@ -35,6 +36,7 @@ from .lora import AdapterError
 
 __all__ = [
     "DistillLoraError", "DistillLoraFiles", "DistillLora", "FuseReport", "EXPERTS", "DISTILL_ADAPTER",
+    "SKIP_CATEGORIES",
     "resolve_distill_lora", "read_expert_configs", "expert_configs_from_pipeline", "validate_distill_lora",
     "prepare_distill_lora", "load_distill_lora", "set_lora_scales", "fuse_loras", "loaded_lora_modules",
 ]
@@ -67,6 +69,15 @@ _GLOBAL_LINEARS = {
 _BLOCK_OTHERS = ("", "norm3", "modulation", "self_attn.norm_q", "self_attn.norm_k", "cross_attn.norm_q",
                  "cross_attn.norm_k")
 _GLOBAL_OTHERS = ("head.modulation", "patch_embedding")
+# Keys a caller may ask to leave out (refused otherwise), by category:
+SKIP_CATEGORIES = {
+    # Wan2.1-style image cross-attention (k_img, v_img, norm_k_img, img_emb) on an expert without it: lightx2v's
+    # Wan2.2-I2V "1022" distill LoRAs carry such keys although Wan2.2-I2V-A14B has no such modules.
+    "image": "keys of image cross-attention modules the model does not have",
+    # Non-zero diffs of norms, modulation tables and the patch embedding, which diffusers' Wan loader drops.
+    "unapplied": "non-zero diffs diffusers' Wan loader does not apply",
+}
+_IMAGE_MODULE = re.compile(r"^(blocks\.\d+\.cross_attn\.(k_img|v_img|norm_k_img)|img_emb(\..*)?)$")
 
 
 class DistillLoraError(AdapterError):
@@ -84,7 +95,8 @@ class DistillLoraFiles:
 @dataclass
 class DistillLora:
     """A validated distill LoRA, ready to load: per expert, the cleaned state dict (original Wan naming with
-    ``alpha`` folded in), the diffusers modules it adapts, its ranks and the all-zero keys left out."""
+    ``alpha`` folded in), the diffusers modules it adapts, its ranks, the all-zero keys left out (``ignored``)
+    and the non-zero keys left out because the caller asked to (``skipped``, see :data:`SKIP_CATEGORIES`)."""
 
     source: str
     files: dict[str, Path]
@@ -92,12 +104,14 @@ class DistillLora:
     modules: dict[str, list[str]]
     ranks: dict[str, list[int]]
     ignored: dict[str, list[str]] = field(default_factory=dict)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> dict:
         """What the manifest records."""
         return {"source": self.source, "files": {e: str(p) for e, p in self.files.items()},
                 "ranks": self.ranks, "modules": {e: len(m) for e, m in self.modules.items()},
-                "ignored_zero_keys": {e: len(k) for e, k in self.ignored.items()}}
+                "ignored_zero_keys": {e: len(k) for e, k in self.ignored.items()},
+                "skipped_keys": {e: k for e, k in self.skipped.items() if k}}
 
 
 # ---------------------------------------------------------------------------------------------- resolving
@@ -272,6 +286,7 @@ def _module_table(config: Mapping) -> dict[str, _Module]:
         if image_in:
             for wan, diff in _IMAGE_LINEARS.items():
                 table[f"blocks.{i}.{wan}"] = _Module(f"blocks.{i}.{diff}", (dim, int(image_in)))
+            table[f"blocks.{i}.cross_attn.norm_k_img"] = _Module(None)
         for other in _BLOCK_OTHERS:
             table[f"blocks.{i}.{other}".rstrip(".")] = _Module(None)
     shapes = {"head.head": (out, dim), "time_projection.1": (6 * dim, dim),
@@ -322,13 +337,17 @@ def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise DistillLoraError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _check_keys(path: Path, shapes: dict, table: Mapping[str, _Module], expert: str) -> dict[str, dict[str, str]]:
-    """Group the keys by module ({wan module: {kind: key}}), refusing unknown, mis-shaped or incomplete ones."""
+def _check_keys(path: Path, shapes: dict, table: Mapping[str, _Module], expert: str, skip: Sequence[str],
+                skipped: list) -> dict[str, dict[str, str]]:
+    """Group the keys by module ({wan module: {kind: key}}), refusing unknown or mis-shaped ones."""
     reverse = _diffusers_to_wan(table)
     modules: dict[str, dict[str, str]] = {}
-    unknown, wrong = [], []
+    unknown, image, wrong = [], [], []
     for key, shape in shapes.items():
         split = _split_key(key, reverse)
+        if split is not None and split[0] not in table and _IMAGE_MODULE.match(split[0]):
+            (skipped if "image" in skip else image).append(key)
+            continue
         if split is None or split[0] not in table:
             unknown.append(key)
             continue
@@ -352,10 +371,12 @@ def _check_keys(path: Path, shapes: dict, table: Mapping[str, _Module], expert: 
             want = ", ".join("rank" if e == "r" else str(e) for e in expected)
             wrong.append(f"{key} {shape} (expected ({want}{',' if len(expected) == 1 else ''}))")
     if unknown:
-        hint = " (a Wan2.1 I2V LoRA? this model has no image cross-attention)" if any("_img" in k for k in unknown) \
-            else ""
-        raise DistillLoraError(f"{path}: {len(unknown)} keys match no module of {expert}{hint}: "
+        raise DistillLoraError(f"{path}: {len(unknown)} keys match no module of {expert}: "
                                f"{_summarise(sorted(unknown))}")
+    if image:
+        raise DistillLoraError(f"{path}: {len(image)} keys of image cross-attention, which {expert} does not have "
+                               f"(lightx2v's Wan2.2 '1022' LoRAs and Wan2.1 I2V LoRAs carry them): "
+                               f"{_summarise(sorted(image))}; skip 'image' leaves them out")
     if wrong:
         raise DistillLoraError(f"{path}: {len(wrong)} keys do not fit {expert} (another model's size?): "
                                f"{_summarise(sorted(wrong))}")
@@ -363,7 +384,7 @@ def _check_keys(path: Path, shapes: dict, table: Mapping[str, _Module], expert: 
 
 
 def _clean_module(wan: str, keys: dict[str, str], spec: _Module, tensors: dict, out: dict, ignored: list,
-                  problems: list) -> Optional[int]:
+                  problems: list, skip: Sequence[str] = (), skipped: Optional[list] = None) -> Optional[int]:
     """Add one module's tensors to ``out`` (alpha folded into the down weights). Returns the rank of what it
     adds (the output width for a full head diff), or None when it adds nothing."""
     def zero(kind: str) -> bool:
@@ -405,8 +426,11 @@ def _clean_module(wan: str, keys: dict[str, str], spec: _Module, tensors: dict, 
             ignored.append(key)  # diffusers would skip it; all zeros, so skipping changes nothing
         elif spec.diffusers is not None and kind in ("lora_down.weight", "lora_up.weight"):
             problems.append(f"{key} (its {'up' if kind == 'lora_down.weight' else 'down'} half is missing)")
+        elif "unapplied" in skip and skipped is not None:
+            skipped.append(key)
         else:
-            problems.append(f"{key} (non-zero, and diffusers' Wan loader would not apply it)")
+            problems.append(f"{key} (non-zero, and diffusers' Wan loader would not apply it; skip 'unapplied' "
+                            "leaves such keys out)")
     return rank
 
 
@@ -422,13 +446,15 @@ def _complete_biases(out: dict) -> None:
             out[f"{module}.diff_b"] = torch.zeros(up.shape[0], dtype=up.dtype)
 
 
-def validate_distill_lora(files: DistillLoraFiles, configs: Mapping[str, Mapping]) -> DistillLora:
+def validate_distill_lora(files: DistillLoraFiles, configs: Mapping[str, Mapping],
+                          skip: Sequence[str] = ()) -> DistillLora:
     """Read and check every file against its expert's config; returns the cleaned state dicts.
 
     Refused, naming file and keys: a file for an expert the configs lack or an expert without a file, keys of
     no known module of that expert (other architectures, Wan2.1 image cross-attention, block indices past
     ``num_layers``), shapes that do not fit the config (e.g. Wan2.1-1.3B or TI2V-5B sizes), a LoRA half without
     its partner, non-zero tensors diffusers' Wan loader would skip, non-finite values, and files adapting nothing.
+    ``skip``: categories of :data:`SKIP_CATEGORIES` to leave out instead (listed in ``skipped``).
     """
     from safetensors import safe_open
 
@@ -439,10 +465,14 @@ def validate_distill_lora(files: DistillLoraFiles, configs: Mapping[str, Mapping
     if missing:
         raise DistillLoraError(f"{files.source}: no file for {missing} "
                                f"({', '.join(EXPERTS[e] + '-noise' for e in missing)})")
-    state_dicts, modules, ranks, ignored = {}, {}, {}, {}
+    unknown = sorted(set(skip) - set(SKIP_CATEGORIES))
+    if unknown:
+        raise DistillLoraError(f"unknown skip categories {unknown}; known: {', '.join(SKIP_CATEGORIES)}")
+    state_dicts, modules, ranks, ignored, skipped = {}, {}, {}, {}, {}
     for expert, path in files.files.items():
         table = _module_table(configs[expert])
-        grouped = _check_keys(path, _read_shapes(path), table, expert)
+        skipped[expert] = []
+        grouped = _check_keys(path, _read_shapes(path), table, expert, skip, skipped[expert])
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -450,7 +480,7 @@ def validate_distill_lora(files: DistillLoraFiles, configs: Mapping[str, Mapping
             raise DistillLoraError(f"{path}: non-finite values in {_summarise(sorted(bad))}")
         out, dropped, problems, expert_ranks, adapted = {}, [], [], set(), []
         for wan, keys in grouped.items():
-            rank = _clean_module(wan, keys, table[wan], tensors, out, dropped, problems)
+            rank = _clean_module(wan, keys, table[wan], tensors, out, dropped, problems, skip, skipped[expert])
             if rank is not None:
                 expert_ranks.add(rank)
                 adapted.append(table[wan].diffusers)
@@ -462,13 +492,14 @@ def validate_distill_lora(files: DistillLoraFiles, configs: Mapping[str, Mapping
             raise DistillLoraError(f"{path}: adapts no module of {expert} (all {len(tensors)} tensors are zero "
                                    "diffs)" if tensors else f"{path}: holds no tensors")
         state_dicts[expert], modules[expert] = out, sorted(adapted)
-        ranks[expert], ignored[expert] = sorted(expert_ranks), sorted(dropped)
-    return DistillLora(files.source, dict(files.files), state_dicts, modules, ranks, ignored)
+        ranks[expert], ignored[expert], skipped[expert] = sorted(expert_ranks), sorted(dropped), sorted(skipped[expert])
+    return DistillLora(files.source, dict(files.files), state_dicts, modules, ranks, ignored, skipped)
 
 
-def prepare_distill_lora(source, configs: Mapping[str, Mapping], **hub_kwargs) -> DistillLora:
+def prepare_distill_lora(source, configs: Mapping[str, Mapping], skip: Sequence[str] = (),
+                         **hub_kwargs) -> DistillLora:
     """:func:`resolve_distill_lora` then :func:`validate_distill_lora`: everything checked, no model needed."""
-    return validate_distill_lora(resolve_distill_lora(source, tuple(configs), **hub_kwargs), configs)
+    return validate_distill_lora(resolve_distill_lora(source, tuple(configs), **hub_kwargs), configs, skip)
 
 
 # ---------------------------------------------------------------------------------------------- loading

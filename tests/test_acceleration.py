@@ -195,3 +195,23 @@ def test_possible_combinations_pass_with_warnings():
     assert check_speed_options(device="cuda", low_vram=True, preset="lightning", distill_lora="d") == []
     warnings = check_speed_options(device="cpu", preset="lightning")
     assert len(warnings) == 1 and "--preset lightning without --distill-lora" in warnings[0]
+
+
+def test_speed_options_parse_into_the_dataclass():
+    import argparse
+
+    from storymem.acceleration import SpeedOptions
+    from storymem.arguments import add_arguments, from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, SpeedOptions)
+    options = from_args(SpeedOptions, parser.parse_args([]))
+    assert (options.preset, options.fuse, options.compile, options.low_vram) == ("release", True, False, False)
+    options = from_args(SpeedOptions, parser.parse_args(
+        ["--preset", "lightning", "--distill-lora", "lora/", "--distill-lora-scale", "0.9", "--no-fuse",
+         "--distill-lora-skip", "image", "--low-vram"]))
+    assert (options.preset, options.distill_lora, options.distill_lora_scale, options.fuse) == \
+        ("lightning", "lora/", 0.9, False)
+    assert options.distill_lora_skip == ["image"] and options.low_vram
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--preset", "turbo"])

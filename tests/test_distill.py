@@ -177,16 +177,16 @@ BAD_FILES = [
     ("block past num_layers", lambda sd: sd.update({"diffusion_model.blocks.2.ffn.0.lora_down.weight":
                                                     torch.zeros(3, 24)}),
      r"match no module of transformer: diffusion_model\.blocks\.2\.ffn\.0"),
-    ("Wan2.1 image cross-attention", lambda sd: sd.update({"diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight":
-                                                           torch.zeros(3, 24)}),
-     r"Wan2\.1 I2V LoRA\?"),
+    ("image cross-attention", lambda sd: sd.update({"diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight":
+                                                    torch.zeros(3, 24)}),
+     r"1 keys of image cross-attention, which transformer does not have .*cross_attn\.k_img.*skip 'image'"),
     ("another model's width", lambda sd: sd.update({"diffusion_model.blocks.1.self_attn.k.lora_down.weight":
                                                     torch.zeros(3, 1536)}),
      r"do not fit transformer.*blocks\.1\.self_attn\.k\.lora_down\.weight \(3, 1536\) \(expected \(rank, 24\)\)"),
     ("half a LoRA", lambda sd: sd.pop("diffusion_model.blocks.0.ffn.0.lora_up.weight"),
      r"blocks\.0\.ffn\.0\.lora_down\.weight \(its up half is missing\)"),
     ("non-zero norm diff", lambda sd: sd["diffusion_model.blocks.1.norm3.diff"].fill_(0.5),
-     r"blocks\.1\.norm3\.diff \(non-zero, and diffusers' Wan loader would not apply it\)"),
+     r"blocks\.1\.norm3\.diff \(non-zero, and diffusers' Wan loader would not apply it; skip 'unapplied'"),
     ("non-finite", lambda sd: sd["diffusion_model.blocks.0.self_attn.v.lora_up.weight"].__setitem__(0, float("nan")),
      r"non-finite values in diffusion_model\.blocks\.0\.self_attn\.v\.lora_up\.weight"),
     ("two ranks in a pair", lambda sd: sd.update({"diffusion_model.blocks.0.ffn.2.lora_up.weight": torch.zeros(24, 5)}),
@@ -243,3 +243,30 @@ def test_pairs_folders_and_hub_ids_resolve(tmp_path, configs):
     assert pair == {"transformer": same, "transformer_2": same}
     with pytest.raises(DistillLoraError, match="lightx2v/no-such-repo"):  # offline in the tests: refused by name
         resolve_distill_lora("lightx2v/no-such-repo")
+
+
+def test_image_keys_and_unapplied_diffs_are_left_out_only_when_asked(base_folder, tmp_path, configs):
+    """Like lightx2v's Wan2.2-I2V '1022' LoRAs: image cross-attention keys the model has no modules for, and
+    non-zero modulation diffs diffusers drops. Refused by default; left out, and recorded, on request."""
+    def like_1022(seed):
+        sd = lightx2v_state_dict(configs["transformer"], seed=seed)
+        for i in range(2):
+            sd[f"diffusion_model.blocks.{i}.cross_attn.k_img.lora_down.weight"] = torch.randn(3, 24)
+            sd[f"diffusion_model.blocks.{i}.cross_attn.k_img.lora_up.weight"] = torch.randn(24, 3)
+            sd[f"diffusion_model.blocks.{i}.cross_attn.norm_k_img.diff"] = torch.randn(24)
+            sd[f"diffusion_model.blocks.{i}.diff_m"] = torch.randn(1, 6, 24)
+        sd["diffusion_model.img_emb.proj.1.lora_down.weight"] = torch.randn(3, 24)
+        return sd
+
+    folder = write_pair(tmp_path / "1022", configs, high=like_1022(1), low=like_1022(2))
+    configs = read_expert_configs(str(base_folder))
+    with pytest.raises(DistillLoraError, match=r"7 keys of image cross-attention.*cross_attn\.k_img.* and 1 more; skip 'image'"):
+        prepare_distill_lora(folder, configs)
+    with pytest.raises(DistillLoraError, match=r"blocks\.0\.diff_m \(non-zero.*skip 'unapplied'"):
+        prepare_distill_lora(folder, configs, skip=["image"])
+    with pytest.raises(DistillLoraError, match=r"unknown skip categories \['img'\]"):
+        prepare_distill_lora(folder, configs, skip=["img"])
+    lora = prepare_distill_lora(folder, configs, skip=["image", "unapplied"])
+    assert len(lora.skipped["transformer"]) == 9 and "diffusion_model.blocks.1.diff_m" in lora.skipped["transformer"]
+    assert lora.summary()["skipped_keys"]["transformer_2"] == lora.skipped["transformer_2"]
+    assert not any("_img" in k or "diff_m" in k for k in lora.state_dicts["transformer"])
