@@ -383,7 +383,7 @@ def run(args):
 
     if "compile" in args.rows:
         uncompiled = row["s_per_forward"]
-        compile_experts(pipe, backend=args.compile_backend)
+        compile_experts(pipe, backend=args.compile_backend, mode=args.compile_mode)
         before = compile_stats()
         first, _ = measure_shot(pipe, meter, timer, dict(prompt, **kwargs), memory, args, "compile warm-up")
         compiled = compile_stats() - before
@@ -490,6 +490,7 @@ def main():
     ap.add_argument("--sweep-frames", type=int, default=21, help="frames of the recompile sweep's forwards")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; eager "
                                                              "with --tiny)")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
     ap.add_argument("--tiny", action="store_true", help="tiny components at 32x32x9 (smoke test)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()

@@ -615,16 +615,21 @@ def _probe(model, seed: int = 0) -> dict:
 
 
 @torch.no_grad()
+def _relative(after: torch.Tensor, before: torch.Tensor) -> float:
+    return float((after.float() - before.float()).norm() / before.float().norm().clamp_min(1e-12))
+
+
 def fuse_loras(pipe, adapter_names: Optional[Sequence[str]] = None, check: bool = True,
                tolerance: Optional[float] = None, device: Union[str, torch.device, None] = None,
                unload: bool = True, experts: Optional[Sequence[str]] = None) -> FuseReport:
     """Merge the active adapters (at the scales :func:`set_lora_scales` gave them) into the experts' weights.
 
-    ``check``: one probe forward per expert before and after; a relative L2 difference above ``tolerance``
-    (default 5% for 16-bit weights, where merging rounds each weight once, 1e-4 in float32) unmerges and raises.
-    ``device``: merge layer by layer there (e.g. "cuda" for weights still on the CPU). ``unload``: drop the
-    LoRA layers afterwards (no per-forward cost or memory left; scales can then no longer change, and the
-    adapters can no longer be switched off). Returns a :class:`FuseReport`.
+    ``check``: the fused output against the unfused one, as a relative L2 difference; above ``tolerance``
+    (default 5% for 16-bit weights, where merging rounds each weight once, 1e-4 in float32) everything is
+    unmerged and :class:`DistillLoraError` raised. Checked on one probe forward of each expert, or, with
+    ``device``, layer by layer there (each layer on a random input), so weights kept on the CPU are merged and
+    checked on e.g. "cuda" one layer at a time. ``unload``: drop the LoRA layers afterwards (no per-forward cost
+    or memory left; scales can then no longer change, and the adapters can no longer be switched off).
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -642,19 +647,26 @@ def fuse_loras(pipe, adapter_names: Optional[Sequence[str]] = None, check: bool 
             continue
         dtype = next(model.parameters()).dtype
         tol = tolerance if tolerance is not None else (1e-4 if dtype == torch.float32 else 0.05)
-        probe = _probe(model) if check else None
-        before = model(**probe)[0].float() if check else None
+        probe = _probe(model) if check and device is None else None
+        before = model(**probe)[0] if probe is not None else None
+        error = 0.0
+        gen = torch.Generator("cpu").manual_seed(0)
         for layer in layers:
-            home = None
+            home = next(layer.parameters()).device
             if device is not None:
-                home = next(layer.parameters()).device
                 layer.to(device)
+            weight = layer.get_base_layer().weight
+            x = torch.randn(4, weight.shape[1], generator=gen).to(weight.device, weight.dtype) \
+                if check and device is not None else None
+            layer_before = layer(x) if x is not None else None
             layer.merge(safe_merge=True, adapter_names=active)
-            if home is not None:
+            if x is not None:
+                error = max(error, _relative(layer(x), layer_before))
+            if device is not None:
                 layer.to(home)
+        if probe is not None:
+            error = _relative(model(**probe)[0], before)
         if check:
-            after = model(**probe)[0].float()
-            error = float((after - before).norm() / before.norm().clamp_min(1e-12))
             report.relative_error[expert] = error
             if not math.isfinite(error) or error > tol:
                 for layer in layers:

@@ -126,14 +126,15 @@ def test_lightx2v_files_load_next_to_storymem_adapter_and_each_scale_counts(stor
     torch.testing.assert_close(shot(pipe), both)  # ... and on again
 
 
-def test_fused_output_matches_unfused(storymem_pipe, tmp_path, configs):
+@pytest.mark.parametrize("device", [None, "cpu"], ids=["model probe", "layer by layer"])
+def test_fused_output_matches_unfused(storymem_pipe, tmp_path, configs, device):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     pipe = storymem_pipe
     load_distill_lora(pipe, prepare_distill_lora(write_pair(tmp_path / "l", configs), configs))
     set_lora_scales(pipe, {"storymem": 1.1, "distill": 0.8})
     unfused = shot(pipe)
-    report = fuse_loras(pipe)
+    report = fuse_loras(pipe, device=device)
     assert report.adapters == {"transformer": ["distill", "storymem"], "transformer_2": ["distill", "storymem"]}
     assert all(0 <= e < 1e-4 for e in report.relative_error.values()) and len(report.relative_error) == 2
     assert not any(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules())  # layers merged and gone
@@ -145,8 +146,9 @@ def test_fuse_check_failure_leaves_adapters_unfused(storymem_pipe):
 
     pipe = storymem_pipe
     before = shot(pipe)
-    with pytest.raises(DistillLoraError, match="transformer: fused output differs"):
-        fuse_loras(pipe, tolerance=0.0)  # float32 merging still rounds: nothing passes a zero tolerance
+    for device in (None, "cpu"):
+        with pytest.raises(DistillLoraError, match="transformer: fused output differs"):
+            fuse_loras(pipe, tolerance=0.0, device=device)  # float32 merging still rounds: zero tolerance fails
     layers = [m for m in pipe.transformer.modules() if isinstance(m, BaseTunerLayer)]
     assert layers and not any(m.merged for m in layers)
     torch.testing.assert_close(shot(pipe), before)
