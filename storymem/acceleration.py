@@ -294,7 +294,7 @@ def enable_low_vram(pipe, device: Union[str, torch.device] = "cuda", config: Opt
     device = torch.device(device)
     done: dict = {"device": str(device), "experts": []}
     for name, model in _experts(pipe):
-        compute = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+        compute = model.dtype  # the weights' own dtype (bfloat16 for A14B), not the fp32-kept modules'
         if config.fp8_storage:
             model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
         if config.group_offload:
@@ -481,7 +481,7 @@ class SpeedOptions:
                                  "shot 1, keyframe models on the GPU only while selecting")
 
 
-def check_speed_options(*, device: Union[str, torch.device], preset: str = "release", compile: bool = False,
+def check_speed_options(*, device: Union[str, torch.device, None], preset: str = "release", compile: bool = False,
                         low_vram: bool = False, offload: str = "none", parallel: str = "none", fuse: bool = False,
                         distill_lora: Optional[str] = None, t2v_distill_lora: Optional[str] = None,
                         t2v_model: Optional[str] = None, needs_adapter_off: Optional[str] = None) -> list[str]:
@@ -491,7 +491,9 @@ def check_speed_options(*, device: Union[str, torch.device], preset: str = "rele
     ``needs_adapter_off``: the flag of a setting that switches the adapters off for some shots (e.g.
     ``"--first-shot base"``), which fused adapters cannot do.
     """
-    device = torch.device(device)
+    from .devices import resolve_device
+
+    device = resolve_device(device)
     if preset not in PRESETS:
         raise ValueError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
     if low_vram and device.type != "cuda":

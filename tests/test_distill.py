@@ -262,7 +262,8 @@ def test_image_keys_and_unapplied_diffs_are_left_out_only_when_asked(base_folder
 
     folder = write_pair(tmp_path / "1022", configs, high=like_1022(1), low=like_1022(2))
     configs = read_expert_configs(str(base_folder))
-    with pytest.raises(DistillLoraError, match=r"7 keys of image cross-attention.*cross_attn\.k_img.* and 1 more; skip 'image'"):
+    image_keys = r"7 keys of image cross-attention.*cross_attn\.k_img.* and 1 more; skip 'image'"
+    with pytest.raises(DistillLoraError, match=image_keys):
         prepare_distill_lora(folder, configs)
     with pytest.raises(DistillLoraError, match=r"blocks\.0\.diff_m \(non-zero.*skip 'unapplied'"):
         prepare_distill_lora(folder, configs, skip=["image"])
