@@ -49,7 +49,6 @@ _LEVEL = {level: re.compile(rf"(^|[^a-z]){level}(_?noise)?([^a-z]|$)") for level
 # Kinds of key suffix, longest first.
 _SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_A.weight", "lora_B.weight", "alpha", "diff_b", "diff_m",
              "diff")
-_DOWN, _UP = ("lora_down.weight", "lora_A.weight"), ("lora_up.weight", "lora_B.weight")
 
 # Original Wan attention/ffn names -> diffusers names inside a block.
 _BLOCK_LINEARS = {
@@ -614,11 +613,11 @@ def _probe(model, seed: int = 0) -> dict:
                 encoder_hidden_states=text.to(device, dtype), return_dict=False)
 
 
-@torch.no_grad()
 def _relative(after: torch.Tensor, before: torch.Tensor) -> float:
     return float((after.float() - before.float()).norm() / before.float().norm().clamp_min(1e-12))
 
 
+@torch.no_grad()
 def fuse_loras(pipe, adapter_names: Optional[Sequence[str]] = None, check: bool = True,
                tolerance: Optional[float] = None, device: Union[str, torch.device, None] = None,
                unload: bool = True, experts: Optional[Sequence[str]] = None) -> FuseReport:
