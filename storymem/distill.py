@@ -602,7 +602,10 @@ def _probe(model, seed: int = 0) -> dict:
     cfg = model.config
     p_t, p_h, p_w = cfg.patch_size
     gen = torch.Generator("cpu").manual_seed(seed)
-    param = next(model.parameters())
+    # The input's dtype is the patch embedding's: diffusers keeps some modules in fp32 beside bf16 weights, and
+    # fp8 storage leaves the patch embedding in the compute dtype.
+    weight = getattr(getattr(model, "patch_embedding", None), "weight", None)
+    param = weight if weight is not None else next(model.parameters())
     dtype = param.dtype if param.dtype.is_floating_point and param.dtype.itemsize > 1 else torch.bfloat16
     hidden = torch.randn(1, cfg.in_channels, p_t, 2 * p_h, 2 * p_w, generator=gen)
     text = torch.randn(1, 16, cfg.text_dim, generator=gen)
