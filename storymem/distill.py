@@ -647,7 +647,8 @@ def fuse_loras(pipe, adapter_names: Optional[Sequence[str]] = None, check: bool 
                          if adapter_names is None or n in adapter_names})
         if not active:
             continue
-        dtype = next(model.parameters()).dtype
+        # The merged weights' own dtype decides the rounding (fp32 modules may sit beside bf16 layers).
+        dtype = layers[0].get_base_layer().weight.dtype
         tol = tolerance if tolerance is not None else (1e-4 if dtype == torch.float32 else 0.05)
         probe = _probe(model) if check and device is None else None
         before = model(**probe)[0] if probe is not None else None
