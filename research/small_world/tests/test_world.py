@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storymem.story import load_story
-from storymem.toy.datasets import (
+from research.small_world.datasets import (
     DatasetError,
     make_clip_dataset,
     make_story,
@@ -18,9 +17,8 @@ from storymem.toy.datasets import (
     read_labels,
     render_story_truth,
 )
-from storymem.toy.detector import DetectorConfig, IdentityDetector, identity_consistency, same_character
-from storymem.builtin.tiny import build_tokenizer
-from storymem.toy.world import (
+from research.small_world.detector import DetectorConfig, IdentityDetector, identity_consistency, same_character
+from research.small_world.world import (
     ACCESSORIES,
     BACKGROUND_MAX_SATURATION,
     BACKGROUND_MAX_VALUE,
@@ -37,9 +35,11 @@ from storymem.toy.world import (
     render_background,
     render_clip,
 )
+from storymem.builtin.tiny import build_tokenizer
+from storymem.story import load_story
 from storymem.video import read_video, write_video
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]  # the repository: train_lora.py
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from research.small_world import experiment
+from research.small_world.datasets import make_story, render_story_truth
+from research.small_world.detector import Detection, IdentityDetector
+from research.small_world.experiment import ExperimentConfig, ExperimentError, aggregate_scores, score_story
+from research.small_world.world import Character
 from storymem import render
 from storymem.eval_models import PixelBagOfWordsEncoder
-from storymem.toy import experiment
-from storymem.toy.datasets import make_story, render_story_truth
-from storymem.toy.detector import Detection, IdentityDetector
-from storymem.toy.experiment import ExperimentConfig, ExperimentError, aggregate_scores, score_story
-from storymem.toy.world import Character
 
 FAST = dict(area=32 * 32, frames=5, steps=1, device="cpu", progress=False, count=2)
 
@@ -272,23 +272,9 @@ def test_bad_input_fails_before_rendering(case, models, tmp_path, monkeypatch, c
 
 
 # ---------------------------------------------------------------------------------------------- memory check
-def _benchmark_module(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _memory_check_module():
-    return _benchmark_module("toy_memory_check")
-
-
 def test_memory_check_inputs_and_run(models, tmp_path):
-    check = _memory_check_module()
+    from research.small_world import memory_check as check
+
     cases = check.make_cases(3, seed=4, frames=5, size=32)
     again = check.make_cases(3, seed=4, frames=5, size=32)
     assert [c["character"].key for c in cases] == [c["character"].key for c in again]
@@ -329,7 +315,8 @@ def test_memory_check_inputs_and_run(models, tmp_path):
 
 
 def test_base_check_cut_mode_judges_after_the_cut(models, tmp_path, monkeypatch):
-    check = _benchmark_module("toy_base_check")
+    from research.small_world import base_check as check
+
     judged = []
     real_identify = check.IdentityDetector.identify
 
@@ -351,7 +338,7 @@ def test_base_check_cut_mode_judges_after_the_cut(models, tmp_path, monkeypatch)
 
 
 def test_latent_character_mask_marks_the_cells_a_character_is_in():
-    from storymem.toy.train_base import latent_character_mask
+    from research.small_world.train_base import latent_character_mask
 
     video = torch.zeros(1, 3, 9, 32, 32)  # mid grey: no character
     video[0, 0, 3, 8:12, 20:24] = 1.0  # a saturated red block in pixel frame 3 (latent frame 1), cells (2, 5)
@@ -364,7 +351,8 @@ def test_latent_character_mask_marks_the_cells_a_character_is_in():
 
 
 def test_loss_probe_conditions_differ_only_where_they_say(models, tmp_path, monkeypatch):
-    probe = _benchmark_module("toy_loss_probe")
+    from research.small_world import loss_probe as probe
+
     cases = probe.make_cut_cases(3, seed=1, frames=9, size=32)
     again = probe.make_cut_cases(3, 1, 9, 32)
     assert all(np.array_equal(a["swapped"]["other-shape"], b["swapped"]["other-shape"]) for a, b in zip(cases, again))
@@ -392,8 +380,9 @@ def test_loss_probe_conditions_differ_only_where_they_say(models, tmp_path, monk
         assert not case["named_caption"].startswith("the same character")
 
     from storymem import StoryMemPipeline
+    from storymem.devices import dtype_kwargs
 
-    pipe = StoryMemPipeline.from_pretrained(str(models / "base"), torch_dtype=torch.float32)
+    pipe = StoryMemPipeline.from_pretrained(str(models / "base"), **dtype_kwargs(torch.float32))
     prober = probe.Prober(pipe, "cpu", seed=0)
     calls = []
     real = probe.Prober.cell_losses
@@ -433,9 +422,9 @@ def test_loss_probe_conditions_differ_only_where_they_say(models, tmp_path, monk
 
 
 def test_detection_tally_counts_misses_as_wrong_and_reads_memory():
-    from storymem.toy.checks import DetectionTally
-    from storymem.toy.detector import Detection
-    from storymem.toy.world import Character
+    from research.small_world.checks import DetectionTally
+    from research.small_world.detector import Detection
+    from research.small_world.world import Character
 
     meant = Character("circle", "red", "plain", "none")
     other = Character("square", "blue", "striped", "hat")
@@ -458,10 +447,22 @@ def test_default_story_seed_is_the_recipes_held_out_set():
     import re
     from pathlib import Path
 
-    recipe = (Path(__file__).resolve().parents[1] / "scripts" / "train_small_world.sh").read_text()
+    recipe = (Path(experiment.__file__).resolve().parent / "train_small_world.sh").read_text()
     stage = re.search(r"make_story_set\('\$RUN/stories', [^)]*seed=(\d+)", recipe)
     assert stage, "the recipe's stories stage no longer calls make_story_set"
     assert int(stage.group(1)) == experiment.HELD_OUT_STORY_SEED
     assert ExperimentConfig(base="toy", stories=Path("s"), out=Path("o")).story_seed == experiment.HELD_OUT_STORY_SEED
     assert experiment.build_parser().parse_args(["--base", "toy", "--stories", "s", "--out", "o"]).seed == \
         experiment.HELD_OUT_STORY_SEED
+
+
+def test_the_shipped_base_samples_with_its_own_scheduler_shift(tmp_path):
+    from storymem.builtin import BASE_DIR, BUILTIN_SAMPLING
+
+    shipped = json.loads((BASE_DIR / "scheduler" / "scheduler_config.json").read_text())["flow_shift"]
+    assert experiment._base_shift("toy") == shipped == BUILTIN_SAMPLING["shift"]
+    # A folder without a scheduler config falls back to the release's shift.
+    assert experiment._base_shift(str(tmp_path)) == 4.0
+    config = ExperimentConfig(base="toy", stories=tmp_path / "s", out=tmp_path / "o")
+    assert (config.area, config.frames, config.steps) == (BUILTIN_SAMPLING["area"], BUILTIN_SAMPLING["frames"],
+                                                           BUILTIN_SAMPLING["steps"])

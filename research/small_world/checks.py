@@ -1,5 +1,5 @@
-"""What the single-shot checks of the small world share (``benchmarks/toy_base_check.py``,
-``benchmarks/toy_memory_check.py``): one sampled shot as uint8 frames, and a tally of what the detector read in
+"""What the single-shot checks of the small world share (``research/small_world/base_check.py``,
+``research/small_world/memory_check.py``): one sampled shot as uint8 frames, and a tally of what the detector read in
 each shot against the character meant."""
 
 from __future__ import annotations

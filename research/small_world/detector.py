@@ -1,7 +1,7 @@
 """Ground-truth identity detector of the toy world: which character (shape, colour, pattern, accessory) a
 picture shows, with a confidence.
 
-It knows what :mod:`storymem.toy.world` draws and fits it (analysis by synthesis):
+It knows what :mod:`research.small_world.world` draws and fits it (analysis by synthesis):
 
 1. **Colour segmentation.** Backgrounds only use muted or dark colours, characters saturated palette
    colours, so every saturated pixel belongs to a character; its hue names the palette colour. The largest

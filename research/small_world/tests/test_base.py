@@ -1,4 +1,4 @@
-"""Training the small world's base model (storymem.toy.train_base) at CPU sizes."""
+"""Training the small world's base model (research.small_world.train_base) at CPU sizes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from storymem.toy.train_base import (
+from research.small_world.train_base import (
     ToyBaseConfig,
     build_base_components,
     cut_clip,
@@ -35,8 +35,8 @@ def test_training_clips_are_deterministic_and_respect_exclusions():
 
 
 def test_cut_clips_keep_the_character_across_a_latent_aligned_cut():
-    from storymem.toy.detector import IdentityDetector
-    from storymem.toy.world import Character, ClipSpec
+    from research.small_world.detector import IdentityDetector
+    from research.small_world.world import Character, ClipSpec
 
     rng = np.random.default_rng(7)
     detector = IdentityDetector()
@@ -90,7 +90,7 @@ def test_config_rejects_bad_sizes():
 def test_story_identities_names_a_bad_index(tmp_path):
     with pytest.raises(ValueError, match="index.json"):
         story_identities(tmp_path)
-    from storymem.toy.datasets import make_story_set
+    from research.small_world.datasets import make_story_set
 
     make_story_set(tmp_path / "s", count=2, seed=1)
     keys = story_identities(tmp_path / "s")
@@ -100,11 +100,12 @@ def test_story_identities_names_a_bad_index(tmp_path):
 
 def test_train_base_writes_a_pipeline_folder_that_loads_and_renders(tmp_path):
     from storymem import StoryMemPipeline
+    from storymem.devices import dtype_kwargs
 
     config = ToyBaseConfig(**TINY)
     summary = train_base(config, tmp_path / "run", device="cpu")
     assert summary["vae"]["steps"] == TINY["vae_steps"] and summary["transformer"]["steps"] == TINY["steps"]
-    pipe = StoryMemPipeline.from_pretrained(tmp_path / "run" / "base", torch_dtype=torch.float32)
+    pipe = StoryMemPipeline.from_pretrained(tmp_path / "run" / "base", **dtype_kwargs(torch.float32))
     assert pipe.transformer_2 is None and pipe.vae_scale_factor_spatial == 4
     # The latent statistics were measured and stored where Wan pipelines read them.
     assert pipe.vae.config.latents_std != [1.0] * 16 and all(s > 0 for s in pipe.vae.config.latents_std)
@@ -131,7 +132,7 @@ def test_transformer_loss_falls_on_a_trivial_dataset():
 
 
 def test_continuing_from_a_base_keeps_its_vae_or_trains_only_its_decoder(tmp_path):
-    from storymem.toy.train_base import _character_weight, load_base_components
+    from research.small_world.train_base import _character_weight, load_base_components
 
     first = train_base(ToyBaseConfig(**{**TINY, "steps": 4}), tmp_path / "a", device="cpu")
     assert first["transformer"]["steps"] == 4
@@ -166,16 +167,17 @@ def test_continuing_from_a_base_keeps_its_vae_or_trains_only_its_decoder(tmp_pat
 
 
 def _torchrun(args, tmp_path, timeout=240):
-    """Two CPU processes (gloo) under torchrun, importing this checkout's storymem."""
+    """Two CPU processes (gloo) under torchrun, importing this checkout's storymem and research packages."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    import research
     import storymem
 
-    root = str(Path(storymem.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    roots = {str(Path(package.__file__).resolve().parents[1]) for package in (storymem, research)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [*sorted(roots), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
 
@@ -184,7 +186,7 @@ def test_processes_share_start_weights_average_gradients_and_agree_on_the_clock(
     script = tmp_path / "sync.py"
     script.write_text(
         "import json, torch, torch.distributed as dist\n"
-        "from storymem.toy.train_base import init_processes\n"
+        "from research.small_world.train_base import init_processes\n"
         "processes, device = init_processes('cpu')\n"
         "r = processes.rank\n"
         "p, q = torch.nn.Parameter(torch.full((3,), r + 5.0)), torch.nn.Parameter(torch.zeros(2, 2))\n"
@@ -205,7 +207,7 @@ def test_processes_share_start_weights_average_gradients_and_agree_on_the_clock(
 
 
 def test_a_data_parallel_continuation_trains_and_rank_0_saves(tmp_path):
-    from storymem.toy.train_base import Processes, load_base_components
+    from research.small_world.train_base import Processes, load_base_components
 
     train_base(ToyBaseConfig(**{**TINY, "steps": 2}), tmp_path / "a", device="cpu")
     # The VAE trains in one process: a multi-process run that would train it is refused before any work.
@@ -214,7 +216,7 @@ def test_a_data_parallel_continuation_trains_and_rank_0_saves(tmp_path):
     assert not (tmp_path / "x").exists()
 
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "steps": 3}.items()]
-    out = _torchrun(["-m", "storymem.toy.train_base", "--out", str(tmp_path / "b"), "--init",
+    out = _torchrun(["-m", "research.small_world.train_base", "--out", str(tmp_path / "b"), "--init",
                      str(tmp_path / "a" / "base"), "--device", "cpu", *flags], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((tmp_path / "b" / "train_base_summary.json").read_text())
@@ -225,8 +227,8 @@ def test_a_data_parallel_continuation_trains_and_rank_0_saves(tmp_path):
 
 
 def test_reference_frames_show_the_clip_character_elsewhere_and_referential_captions_name_nobody():
-    from storymem.toy.detector import IdentityDetector
-    from storymem.toy.train_base import render_reference_frames
+    from research.small_world.detector import IdentityDetector
+    from research.small_world.train_base import render_reference_frames
 
     frames, captions, identities, referential = render_training_clips(6, 9, 64, 64, seed=3, chunk=4)
     # The referential forms change nothing else: the clips of a seed are what they were.
@@ -256,7 +258,7 @@ def _recording(transformer, calls):
 
 
 def test_memory_steps_put_references_before_the_clip_and_referential_captions_replace_names():
-    from storymem.toy.train_base import _prompt_embeddings, tokenize
+    from research.small_world.train_base import _prompt_embeddings, tokenize
 
     config = ToyBaseConfig(**{**TINY, "steps": 12, "batch_size": 2, "memory_prob": 0.5, "memory_frames": 3,
                               "referential_prob": 1.0, "i2v_prob": 0.0, "caption_dropout": 0.0,
@@ -318,7 +320,7 @@ def test_memory_steps_put_references_before_the_clip_and_referential_captions_re
 
 
 def test_a_memory_round_from_the_command_line_keeps_the_text_encoder_when_frozen(tmp_path):
-    from storymem.toy.train_base import load_base_components, main
+    from research.small_world.train_base import load_base_components, main
 
     train_base(ToyBaseConfig(**{**TINY, "steps": 2}), tmp_path / "a", device="cpu")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "steps": 3, "seed": 4}.items()]

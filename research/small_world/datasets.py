@@ -16,7 +16,7 @@ each (different scenes and motions); the clips of one character form one group, 
 **Stories** (:func:`make_story`, :func:`make_story_set`): ST-Bench-form scripts in which a main character
 appears (and is continued with ``cut: false``), another character takes over for a scene, and the main
 character returns; the ground truth says which identity every shot should show and holds the
-:class:`~storymem.toy.world.ClipSpec` that renders a reference version of the shot. Layout::
+:class:`~research.small_world.world.ClipSpec` that renders a reference version of the shot. Layout::
 
     out_dir/
       stories/story_NNN.json          the scripts (``infer_story.py --story``)
@@ -38,7 +38,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..atomic import atomic_write_json, atomic_write_text
+from storymem.atomic import atomic_write_json, atomic_write_text
+
 from .world import (
     BACKGROUNDS,
     MOTIONS,
@@ -171,7 +172,7 @@ def _caption_mode(rng: np.random.Generator, referential_prob: float) -> str:
 def _render_and_write(job: tuple) -> str:
     """Worker: render one clip and write its mp4 (atomic), caption and, if asked, subject mask video."""
     path, spec_dict, caption, num_frames, height, width, fps, crf, mask_path = job
-    from ..video import write_video
+    from storymem.video import write_video
 
     spec = ClipSpec.from_dict(spec_dict)
     if mask_path is None:

@@ -6,7 +6,7 @@ and an ``accessory`` drawn in the complementary palette colour. A :class:`Scene`
 forest, beach, city, ...) with a few props (trees, houses, rocks, lamps, the sun, ...). A :class:`Motion`
 says how a character moves through a clip (walks, runs, jumps, spins, enters, leaves, ...).
 
-Two rules of the world make identities recoverable from pixels (see :mod:`storymem.toy.detector`):
+Two rules of the world make identities recoverable from pixels (see :mod:`research.small_world.detector`):
 
 * every colour a background or prop uses is muted (HSV saturation <= :data:`BACKGROUND_MAX_SATURATION`) or
   dark (value <= :data:`BACKGROUND_MAX_VALUE`), while characters use saturated colours only;

@@ -1,7 +1,7 @@
 """What a small-world VAE keeps of a character: the identity detector's reading of VAE reconstructions of true
 clips, per attribute, next to its reading of the clips themselves.
 
-    python benchmarks/toy_vae_check.py --vae storymem/toy/weights/base/vae runs/toy/base_run/stages/vae \
+    python -m research.small_world.vae_check --vae storymem/builtin/weights/base/vae runs/toy/base_run/stages/vae \
         [--count 48] [--seed 1] [--device cuda]
 
 Whatever a VAE loses (a pattern painted over, say), no transformer trained on its latents can draw: this is the
@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from storymem.devices import default_device
 
-from storymem.toy.detector import ATTRIBUTES, IdentityDetector  # noqa: E402
-from storymem.toy.world import Character, ClipSpec  # noqa: E402
+from .detector import ATTRIBUTES, IdentityDetector
+from .world import Character, ClipSpec
 
 
 def _score(detector, videos, characters) -> dict:
@@ -49,13 +47,14 @@ def reconstruct(vae, truth: np.ndarray, device) -> np.ndarray:
 def main(argv=None):
     from diffusers import AutoencoderKLWan
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m research.small_world.vae_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vae", nargs="+", required=True, help="VAE folders (diffusers AutoencoderKLWan)")
     ap.add_argument("--count", type=int, default=48)
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=default_device().type)
     ap.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = ap.parse_args(argv)
 

@@ -2,7 +2,10 @@
 # The small world end to end: held-out stories, the base video model, clustered clips, the M2V adapters,
 # the experiment. Every stage is a command a user runs on real data too; the stages resume.
 #
-#   bash scripts/train_small_world.sh RUN_DIR STAGE [STAGE ...]
+#   bash research/small_world/train_small_world.sh RUN_DIR STAGE [STAGE ...]
+#
+# It runs from any folder (RUN_DIR is relative to it): the repository is put on PYTHONPATH for the research
+# package, and train_lora.py and lora_configs/ are taken from the repository.
 #
 # Stages, in order: stories vae base [refine continue decoder assemble] clips prepare lora experiment.
 # Environment: DEVICE (cuda), WORKERS (16), VAE_MINUTES (5), VAE2_MINUTES (2.5), BASE_MINUTES (4),
@@ -10,7 +13,7 @@
 # CONTINUE_LR (3e-4), CONTINUE_WARMUP (200), CONTINUE_GPUS (1; N: torchrun, N processes, each rendering its own
 # clips with WORKERS processes and drawing CONTINUE_BATCH of them a step), CONTINUE_CUT_PROB (unset: single shots;
 # p: a share of the round's clips cut once to the same character elsewhere, see
-# storymem.toy.train_base.cut_clip), CONTINUE_CUT_CAPTIONS
+# research.small_world.train_base.cut_clip), CONTINUE_CUT_CAPTIONS
 # (probabilities of the caption modes first,named,returns,same before a cut; default 0.1,0.05,0.1,0.75),
 # CONTINUE_MEMORY_PROB (unset: none; p: a share of the steps in the M2V memory layout, with frames of the clip's
 # character from other clips), CONTINUE_MEMORY_DISTRACTOR (unset: none; p: a share of the memory steps with
@@ -53,6 +56,8 @@ set -euo pipefail
 
 RUN=${1:?usage: train_small_world.sh RUN_DIR STAGE [STAGE ...]}
 shift
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 DEVICE=${DEVICE:-cuda}
 WORKERS=${WORKERS:-16}
 PY=${PYTHON:-python}
@@ -70,28 +75,31 @@ for stage in "$@"; do
   echo "== $stage"
   case $stage in
     stories)  # 20 held-out stories (6-8 shots); their characters stay out of every training set
-      $PY -c "from storymem.toy.datasets import make_story_set
+      $PY -c "from research.small_world.datasets import make_story_set
 make_story_set('$RUN/stories', count=20, seed=2026, num_shots=6, max_shots=8)" ;;
     vae)  # VAE phase 1: short windows (first frame + one causal chunk), the spatial code
-      $PY -m storymem.toy.train_base --out "$RUN/vae_run" --vae-only --device "$DEVICE" --workers "$WORKERS" \
+      $PY -m research.small_world.train_base --out "$RUN/vae_run" --vae-only --device "$DEVICE" \
+        --workers "$WORKERS" \
         --exclude-stories "$RUN/stories" --vae-minutes "${VAE_MINUTES:-5}" --num-clips 8000 --vae-steps 100000 \
         --vae-window 5 --vae-batch-size 48 --vae-lr 1e-3 ;;
     base)  # VAE phase 2 on whole clips (the temporal cache's steady state), then text encoder and transformer
-      $PY -m storymem.toy.train_base --out "$RUN/base_run" --vae-init "${VAE_INIT:-$RUN/vae_run/stages/vae}" \
+      $PY -m research.small_world.train_base --out "$RUN/base_run" \
+        --vae-init "${VAE_INIT:-$RUN/vae_run/stages/vae}" \
         --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" --num-clips 8000 \
         --vae-window 17 --vae-batch-size 16 --vae-lr 3e-4 --vae-steps 100000 --vae-minutes "${VAE2_MINUTES:-2.5}" \
         --steps 100000 --lr 5e-4 --minutes "${BASE_MINUTES:-4}" ;;
     refine)  # the VAE again on whole clips (pattern shades now weighted as character pixels), then the
       # transformer on its new latents, with twice the batch
-      $PY -m storymem.toy.train_base --out "$RUN/refine_run" --init "$RUN/base_run/base" --retrain-vae \
+      $PY -m research.small_world.train_base --out "$RUN/refine_run" --init "$RUN/base_run/base" --retrain-vae \
         --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" --num-clips 12000 --seed 2 \
         --vae-window 17 --vae-batch-size 32 --vae-lr 4e-4 --vae-steps 100000 --vae-minutes "${REFINE_VAE_MINUTES:-2.7}" \
         --steps 100000 --batch-size 128 --lr 4e-4 --warmup-steps 200 --minutes "${REFINE_MINUTES:-4.6}" ;;
     continue)  # text encoder and transformer only, on fresh clips (another seed each round); the VAE is kept
       seed=${CONTINUE_SEED:-3}
-      launch="$PY -m storymem.toy.train_base"
+      launch="$PY -m research.small_world.train_base"
       if [ "${CONTINUE_GPUS:-1}" -gt 1 ]; then  # data-parallel: each process its own GPU, clips and batch
-        launch="$PY -m torch.distributed.run --standalone --nproc-per-node $CONTINUE_GPUS -m storymem.toy.train_base"
+        launch="$PY -m torch.distributed.run --standalone --nproc-per-node $CONTINUE_GPUS"
+        launch="$launch -m research.small_world.train_base"
       fi
       $launch --out "$RUN/continue_run_$seed" --init "$(latest_base)" \
         --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" --num-clips 16000 --seed "$seed" \
@@ -104,7 +112,7 @@ make_story_set('$RUN/stories', count=20, seed=2026, num_shots=6, max_shots=8)" ;
         ${CONTINUE_REFERENTIAL:+--referential-prob $CONTINUE_REFERENTIAL} \
         ${CONTINUE_FREEZE_TEXT:+--freeze-text-encoder} ;;
     decoder)  # the VAE decoder only: the latent space, and every transformer trained on it, stay valid
-      $PY -m storymem.toy.train_base --out "$RUN/decoder_run" --init "$(latest_base)" --retrain-vae \
+      $PY -m research.small_world.train_base --out "$RUN/decoder_run" --init "$(latest_base)" --retrain-vae \
         --vae-decoder-only --vae-only --device "$DEVICE" --workers "$WORKERS" --exclude-stories "$RUN/stories" \
         --num-clips 6000 --seed 13 --vae-window 17 --vae-batch-size 16 --vae-lr 2e-4 --vae-steps 100000 \
         --vae-minutes "${DECODER_MINUTES:-6.5}" ;;
@@ -122,21 +130,22 @@ if (tuned / 'config.json').is_file():
 print('assembled', final, 'from', src, '+ decoder' if (tuned / 'config.json').is_file() else '')" \
         "$(latest_base)" "$RUN/final/base" "$RUN/decoder_run/stages/vae" ;;
     clips)  # clustered single-shot clips: 12 clips of each of 160 characters, one cluster per character
-      $PY -c "from storymem.toy.datasets import make_clip_dataset
-from storymem.toy.train_base import story_identities
+      $PY -c "from research.small_world.datasets import make_clip_dataset
+from research.small_world.train_base import story_identities
 make_clip_dataset('$RUN/clips', num_identities=${CLIP_IDENTITIES:-160}, clips_per_identity=${CLIPS_PER_IDENTITY:-12},
                   num_frames=17, height=64, width=64, seed=1, referential_prob=${CLIP_REFERENTIAL:-0.25},
                   exclude=story_identities('$RUN/stories'), workers=$WORKERS, scenes_per_identity=${CLIP_SCENES:-None},
                   subject_masks=bool('${CLIP_MASKS:-}'))" ;;
     prepare)
-      $PY train_lora.py prepare --manifest "$RUN/clips/manifest.jsonl" --out "$RUN/prepared" --base "$(final_base)" \
+      $PY "$REPO/train_lora.py" prepare --manifest "$RUN/clips/manifest.jsonl" --out "$RUN/prepared" \
+        --base "$(final_base)" \
         --height 64 --width 64 --num-frames 17 --embedder pixel --memory-candidates 4 --contexts mi2v \
         --device "$DEVICE" --decode-workers "$WORKERS" --encode-batch-size "${ENCODE_BATCH:-64}" --no-progress ;;
     lora)  # the adapter with negative memory RoPE, and one with contiguous RoPE for the ablation, side by side
       for rope in negative contiguous; do
-        config=lora_configs/toy_m2v.json
-        [ "$rope" = contiguous ] && config=lora_configs/toy_m2v_contiguous.json
-        $PY train_lora.py train --config "$config" --data "$RUN/prepared" --base "$(final_base)" \
+        config="$REPO/lora_configs/toy_m2v.json"
+        [ "$rope" = contiguous ] && config="$REPO/lora_configs/toy_m2v_contiguous.json"
+        $PY "$REPO/train_lora.py" train --config "$config" --data "$RUN/prepared" --base "$(final_base)" \
           --output "$RUN/lora_$rope" --expert all --flow-shift 3 --train-batch-size "${LORA_BATCH:-16}" --learning-rate "${LORA_LR:-3e-4}" \
           --lr-scheduler constant_with_warmup --lr-warmup-steps "${LORA_WARMUP:-100}" --max-train-steps "${LORA_STEPS:-100000}" \
           --max-train-minutes "${LORA_MINUTES:-4}" --checkpointing-steps "${LORA_CHECKPOINT_STEPS:-100000}" --no-gradient-checkpointing \
@@ -151,7 +160,7 @@ make_clip_dataset('$RUN/clips', num_identities=${CLIP_IDENTITIES:-160}, clips_pe
       wait
       tail -n 3 "$RUN"/lora_*.log ;;
     experiment)
-      $PY benchmarks/toy_experiment.py --base "$(final_base)" --adapter "$RUN/lora_negative/adapter" \
+      $PY -m research.small_world.experiment --base "$(final_base)" --adapter "$RUN/lora_negative/adapter" \
         --contiguous-adapter "$RUN/lora_contiguous/adapter" --stories "$RUN/stories" --out "$RUN/experiment" \
         --device "$DEVICE" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;

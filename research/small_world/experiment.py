@@ -1,17 +1,18 @@
 """The small world's memory experiment: does StoryMem's visual memory keep a character consistent across shots?
 
-**Setting.** Held-out toy stories (:func:`~storymem.toy.datasets.make_story_set`, by default 20 stories of 6-8
+**Setting.** Held-out toy stories (:func:`~research.small_world.datasets.make_story_set`, by default 20 stories of 6-8
 shots whose main characters no other story of the set uses; they are held out when the base and the adapter
 were trained on clips that exclude the set's identities, ``exclude=`` of the clip makers): a main character
 appears and is continued for a shot or two, another character takes over for a scene, then the main
 character *returns* in a new scene, and the two alternate. Many prompts do not name the character ("the same
 character spins around ..."), so only memory or continuation can tell the model who to draw. Every story is
 rendered shot by shot under each condition below, with the same seeds (shot seed = ``render_seed`` + shot
-index), and every shot is judged by the toy world's ground-truth :class:`~storymem.toy.detector.IdentityDetector`.
+index), and every shot is judged by the toy world's ground-truth
+:class:`~research.small_world.detector.IdentityDetector`.
 
 **Conditions** (rows of the table; ``--conditions`` picks a subset):
 
-* ``ground_truth`` - reference renders of the ground truth (:func:`~storymem.toy.datasets.render_story_truth`),
+* ``ground_truth`` - reference renders of the ground truth (:func:`~research.small_world.datasets.render_story_truth`),
   written and read back as H.264 like every render: the detector's ceiling, no model;
 * ``independent`` - the base model alone, no adapter, no memory, no continuation: each shot from its prompt;
 * ``m2v`` - base + M2V adapter, keyframe memory with sink + window (render defaults: 10 frames, sink 3);
@@ -55,7 +56,7 @@ with the same command, finished stories are not rendered again), ``results.json`
 condition per shot detections, aggregates), ``results.md`` (the table) and ``contact_sheets/<condition>.png``
 (the first story). Every input is checked, and every render folder planned, before a model loads.
 
-    python benchmarks/toy_experiment.py --base runs/toy-base/base --adapter runs/m2v/adapter \\
+    python -m research.small_world.experiment --base runs/toy-base/base --adapter runs/m2v/adapter \\
         --stories runs/toy-stories --out runs/experiment --device cuda
 """
 
@@ -77,7 +78,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from storymem.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from storymem.builtin import BUILTIN_SAMPLING
 
 __all__ = [
     "CONDITIONS",
@@ -107,7 +109,7 @@ class ExperimentError(ValueError):
     """Bad experiment input (stories, conditions, models, output folder), found before any model loads."""
 
 
-# The seed of scripts/train_small_world.sh's `stories` stage: the shipped weights never saw these characters.
+# The seed of the recipe's (train_small_world.sh) `stories` stage: the shipped weights never saw these characters.
 HELD_OUT_STORY_SEED = 2026
 
 
@@ -160,7 +162,7 @@ CONDITIONS: dict[str, Condition] = {c.name: c for c in (
 # ---------------------------------------------------------------------------------------------- config
 @dataclass
 class ExperimentConfig:
-    """Settings of one experiment run (defaults: the toy rendering defaults of :mod:`storymem.render`).
+    """Settings of one experiment run (defaults: the built-in models' sampling, ``storymem.builtin.BUILTIN_SAMPLING``).
 
     ``height``/``width`` of None: a square of ``area`` (side rounded to a multiple of 16; the toy base models
     are trained on square clips). ``shift`` of None: the base's own scheduler shift. ``conditions`` of None:
@@ -176,11 +178,11 @@ class ExperimentConfig:
     conditions: Optional[Sequence[str]] = None
     device: Optional[str] = None
     dtype: str = "auto"
-    area: int = 64 * 64
+    area: int = BUILTIN_SAMPLING["area"]
     height: Optional[int] = None
     width: Optional[int] = None
-    frames: int = 17
-    steps: int = 8
+    frames: int = BUILTIN_SAMPLING["frames"]
+    steps: int = BUILTIN_SAMPLING["steps"]
     guidance: float = 3.5
     memory_guidance: float = 1.0
     first_shot: str = "m2v"
@@ -195,11 +197,9 @@ class ExperimentConfig:
     progress: bool = True
 
     def resolved_device(self) -> str:
-        if self.device:
-            return self.device
-        import torch
+        from storymem.devices import resolve_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device or resolve_device().type
 
 
 @dataclass
@@ -272,9 +272,9 @@ def _check_truth(truth: Any, path: Path, num_shots: int) -> dict:
 
 
 def load_story_cases(folder, limit: Optional[int] = None) -> list[StoryCase]:
-    """The stories of a :func:`~storymem.toy.datasets.make_story_set` folder (from its ``index.json``), each
+    """The stories of a :func:`~research.small_world.datasets.make_story_set` folder (from its ``index.json``), each
     script loaded and checked against its ground truth."""
-    from ..story import StoryError, load_story
+    from storymem.story import StoryError, load_story
 
     folder = Path(folder)
     index_path = folder / "index.json"
@@ -359,9 +359,8 @@ def resolve_conditions(names: Optional[Sequence[str]], adapter: Optional[str],
 
 
 def _adapter_info(path: str, flag: str) -> dict:
-    from ..lora import ADAPTER_CONFIG_NAME, AdapterError, StoryMemLoraConfig
-
     from storymem.builtin import ADAPTER_DIR
+    from storymem.lora import ADAPTER_CONFIG_NAME, AdapterError, StoryMemLoraConfig
 
     # 'toy': the shipped adapter, as --base toy is the shipped base.
     folder = ADAPTER_DIR if path == "toy" else Path(path)
@@ -378,17 +377,17 @@ def _adapter_info(path: str, flag: str) -> dict:
 
 
 def _base_shift(base: str) -> float:
-    """The base's own scheduler shift (what it was trained to sample with); the render default otherwise."""
-    from ..render import RenderOptions
+    """The base's own scheduler shift (what it was trained to sample with); the release default otherwise."""
+    from storymem.builtin import builtin_base_folder
+    from storymem.defaults import FLOW_SHIFT
 
-    if base == "toy":
-        return RenderOptions.shift
-    config = Path(base) / "scheduler" / "scheduler_config.json"
+    folder = builtin_base_folder("toy") if base == "toy" else Path(base)
+    config = folder / "scheduler" / "scheduler_config.json"
     if config.is_file():
         shift = _read_json(config, "scheduler config").get("flow_shift")
         if isinstance(shift, (int, float)) and shift > 0:
             return float(shift)
-    return RenderOptions.shift
+    return FLOW_SHIFT
 
 
 def square_size(area: int) -> int:
@@ -399,8 +398,8 @@ def square_size(area: int) -> int:
 def render_options(config: ExperimentConfig, condition: Condition, out_dir: Path, *, height: int, width: int,
                    shift: float, device: str, adapters: dict):
     """The :class:`~storymem.render.RenderOptions` of one (condition, story) render into ``out_dir``: the toy
-    rendering defaults, the experiment's sampling settings and the condition's changes."""
-    from ..render import TOY_DEFAULTS, RenderOptions
+    built-in models' sampling, the experiment's sampling settings and the condition's changes."""
+    from storymem.render import RenderOptions
 
     adapter = adapters[condition.adapter]["path"] if condition.adapter else None
     options = RenderOptions(
@@ -408,16 +407,17 @@ def render_options(config: ExperimentConfig, condition: Condition, out_dir: Path
         dtype=config.dtype, height=height, width=width,
         area=config.area, frames=config.frames, steps=config.steps, guidance=config.guidance,
         memory_guidance=config.memory_guidance, first_shot=config.first_shot, shift=shift,
-        negative_prompt=TOY_DEFAULTS["negative_prompt"], seed=config.render_seed,
-        embedder=TOY_DEFAULTS["embedder"], aesthetic=TOY_DEFAULTS["aesthetic"], device=device, progress=False,
+        negative_prompt=BUILTIN_SAMPLING["negative_prompt"], seed=config.render_seed,
+        embedder=BUILTIN_SAMPLING["embedder"], aesthetic=BUILTIN_SAMPLING["aesthetic"], device=device,
+        progress=False,
     )
     return dataclasses.replace(options, **condition.render)
 
 
 def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
     """Check every input and plan every render folder (no model loads; only missing stories are written)."""
-    from ..render import RenderError, build_selector, prepare
-    from ..story import StoryError
+    from storymem.render import RenderError, build_selector, prepare
+    from storymem.story import StoryError
 
     if config.frames < 5 or (config.frames - 1) % 4:
         raise ExperimentError(f"--frames {config.frames}: must be of the form 4n+1 and at least 5")
@@ -480,7 +480,8 @@ def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
 def _render_truth(plan: ExperimentPlan, case: StoryCase) -> Path:
     """The ground truth of one story as shot videos in ``renders/ground_truth/<story>/shots/`` (kept when a
     previous run wrote them at the same size)."""
-    from ..video import write_video
+    from storymem.video import write_video
+
     from .datasets import render_story_truth
 
     folder = plan.render_dir("ground_truth", case)
@@ -502,7 +503,7 @@ def _render_truth(plan: ExperimentPlan, case: StoryCase) -> Path:
 
 
 def _load_pipeline_for(options):
-    from ..render import load_render_pipeline
+    from storymem.render import load_render_pipeline
 
     pipe = load_render_pipeline(options)
     pipe.set_progress_bar_config(disable=True)
@@ -522,7 +523,7 @@ def render_all(plan: ExperimentPlan) -> None:
     conditions that share a model (base, base + adapter, base + contiguous adapter) run back to back."""
     from tqdm.auto import tqdm
 
-    from ..render import StoryRenderer
+    from storymem.render import StoryRenderer
 
     if "ground_truth" in [c.name for c in plan.conditions]:
         for case in plan.cases:
@@ -680,8 +681,8 @@ def _shot_files(folder: Path, case: StoryCase, condition: Condition) -> tuple[li
 
 def score_condition(plan: ExperimentPlan, condition: Condition, detector, encoder) -> dict:
     """Detections, scores and pixel consistency of every story under one condition (each video decoded once)."""
-    from ..evaluation import EvalConfig, cross_shot_consistency
-    from ..video import read_video
+    from storymem.evaluation import EvalConfig, cross_shot_consistency
+    from storymem.video import read_video
 
     stories = {}
     for case in plan.cases:
@@ -700,8 +701,8 @@ def score_condition(plan: ExperimentPlan, condition: Condition, detector, encode
 def _write_contact_sheet(plan: ExperimentPlan, condition: Condition) -> Optional[Path]:
     """``OUT/contact_sheets/<condition>.png`` for the first story (the render's own sheet, or for the ground
     truth one drawn from its frames)."""
-    from ..report import SheetRow, write_contact_sheet
-    from ..video import read_video
+    from storymem.report import SheetRow, write_contact_sheet
+    from storymem.video import read_video
 
     case = plan.cases[0]
     folder = plan.render_dir(condition.name, case)
@@ -807,9 +808,10 @@ def _settings(plan: ExperimentPlan) -> dict:
 
 def run_experiment(config: ExperimentConfig, plan: Optional[ExperimentPlan] = None) -> dict:
     """Plan (unless given), render, score and write the results; returns the results dict."""
-    from ..eval_models import PixelBagOfWordsEncoder
-    from .detector import IdentityDetector
     from storymem.builtin.tiny import TOY_VOCABULARY
+    from storymem.eval_models import PixelBagOfWordsEncoder
+
+    from .detector import IdentityDetector
 
     plan = plan or plan_experiment(config)
     t0 = time.perf_counter()
@@ -856,19 +858,19 @@ def _csv(value: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python benchmarks/toy_experiment.py",
+        prog="python -m research.small_world.experiment",
         description="The small world's memory experiment: render held-out toy stories under several conditions "
                     "(no memory, M2V, ablations) and measure identity consistency with the ground-truth detector. "
                     "Rerun the same command to resume.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--base", required=True, help="toy base model folder (storymem.toy.train_base), or 'toy'")
+    p.add_argument("--base", required=True, help="toy base model folder (research.small_world.train_base), or 'toy'")
     p.add_argument("--adapter", help="M2V adapter folder (train_lora.py), trained with negative RoPE, or 'toy'")
     p.add_argument("--contiguous-adapter", help="adapter trained with contiguous RoPE (row contiguous_rope)")
     p.add_argument("--stories", required=True, help="toy story set folder (made there when missing or empty)")
     p.add_argument("--count", type=int, default=20, help="stories to make when --stories is missing")
     p.add_argument("--seed", type=int, default=HELD_OUT_STORY_SEED,
                    help="seed of the story set made when --stories is missing (default: the held-out set whose "
-                        "characters scripts/train_small_world.sh keeps out of training)")
+                        "characters research/small_world/train_small_world.sh keeps out of training)")
     p.add_argument("--num-shots", type=int, default=6, help="fewest shots of a made story")
     p.add_argument("--max-shots", type=int, default=8, help="most shots of a made story")
     p.add_argument("--out", required=True, help="experiment folder (renders/, results.json, results.md)")
@@ -923,3 +925,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(results))
     print(f"wrote {Path(config.out) / 'results.json'} and {Path(config.out) / 'results.md'}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

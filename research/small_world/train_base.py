@@ -16,8 +16,8 @@ temporal compression, a small ``UMT5EncoderModel`` over the toy world's word tok
 The result is a diffusers folder ``StoryMemPipeline.from_pretrained`` loads (``infer_story.py --base DIR``,
 ``train_lora.py ... --base DIR``), stored in float16 to keep it small::
 
-    python -m storymem.toy.train_base --out runs/vae --vae-only --vae-window 5 --vae-minutes 5
-    python -m storymem.toy.train_base --out runs/base --vae-init runs/vae/stages/vae --vae-window 17 \
+    python -m research.small_world.train_base --out runs/vae --vae-only --vae-window 5 --vae-minutes 5
+    python -m research.small_world.train_base --out runs/base --vae-init runs/vae/stages/vae --vae-window 17 \
         --vae-minutes 2.5 --minutes 4
 
 ``--init BASE`` continues from a saved base on fresh clips (``--seed``): the text encoder and transformer train
@@ -25,7 +25,7 @@ on, the VAE is kept, or fine-tuned first with ``--retrain-vae`` (the transformer
 ``--vae-decoder-only`` tunes only the decoder, so the latent space, and every transformer trained on it, stay
 valid. Runs stay short (a GPU lease, a preemptible job) and chain::
 
-    python -m storymem.toy.train_base --out runs/more --init runs/base/base --seed 3 --minutes 7.5
+    python -m research.small_world.train_base --out runs/more --init runs/base/base --seed 3 --minutes 7.5
 
 ``--cut-prob P`` makes a share P of the clips cut once, between two latent frames, to the same character in
 another clip (scene, place, motion), captioned "... then the same character ...". Single shots only ever ask the
@@ -41,7 +41,7 @@ never reach (a VAE trained on 5-frame windows alone reconstructs frames 0-4 at 2
 Continuations run data-parallel over several GPUs under torchrun (the text encoder and transformer; the VAE
 trains in one process)::
 
-    torchrun --nproc-per-node 4 -m storymem.toy.train_base --out runs/more --init runs/base/base --seed 3 \
+    torchrun --nproc-per-node 4 -m research.small_world.train_base --out runs/more --init runs/base/base --seed 3 \
         --minutes 7.5 --batch-size 256
 
 Each process renders ``--num-clips`` clips of its own (rank 0 from ``--seed``, rank r from ``seed * 1000 + r``)
@@ -67,7 +67,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_write_json
+from storymem.atomic import atomic_write_json
+from storymem.devices import default_device
+
 from .world import Character, ClipSpec
 
 logger = logging.getLogger(__name__)
@@ -360,7 +362,7 @@ def to_video(frames_uint8: torch.Tensor | np.ndarray) -> torch.Tensor:
 def _character_weight(video: torch.Tensor, extra: float) -> torch.Tensor:
     """1 + extra on saturated pixels: the world draws characters in saturated colours and backgrounds muted or
     dark, so this puts the loss where identities are. The value floor sits between the darkest background
-    (:data:`~storymem.toy.world.BACKGROUND_MAX_VALUE`) and the darkest pattern shade, so patterns count too: a
+    (:data:`~research.small_world.world.BACKGROUND_MAX_VALUE`) and the darkest pattern shade, so patterns count too: a
     floor above the shade taught a VAE to paint bodies plain."""
     rgb = (video + 1) / 2
     top = rgb.amax(dim=1, keepdim=True)
@@ -506,7 +508,7 @@ def latent_character_mask(video: torch.Tensor, temporal_scale: int = 4, spatial_
     """Which latent cells show a character: ``video`` float ``[B, 3, T, H, W]`` in [-1, 1] (T = 4n+1) ->
     ``[B, 1, f, H/s, W/s]`` of 0/1, a cell being 1 if any of its pixels, in any frame it encodes, is a
     character's (saturated) pixel. Latent frame 0 encodes pixel frame 0, frame k the frames 4k-3 .. 4k."""
-    from ..training.sources import mask_latent_cells
+    from storymem.training.sources import mask_latent_cells
 
     return mask_latent_cells(_character_weight(video, 1.0) - 1.0, temporal_scale, spatial_scale)
 
@@ -548,7 +550,7 @@ def set_latent_statistics(vae, clips: torch.Tensor, device, batch_size: int = 64
 @torch.no_grad()
 def encode_clips(vae, clips: torch.Tensor, device, batch_size: int = 64, out_dtype=torch.bfloat16):
     """Normalised latents of the clips and their image-to-video conditions (first frame, then zeros)."""
-    from ..conditioning import encode_video_condition, normalize_latents
+    from storymem.conditioning import encode_video_condition, normalize_latents
 
     _, length, height, width, _ = clips.shape
     latents, conditions = [], []
@@ -566,7 +568,7 @@ def encode_reference_frames(vae, references: np.ndarray, device, batch_size: int
     """uint8 ``[N, K, H, W, 3]`` reference frames -> normalised memory latents ``[N, z, K, h, w]``, each frame
     encoded on its own as a one-frame video, as the pipeline encodes memory
     (:func:`~storymem.conditioning.encode_memory_frames`)."""
-    from ..conditioning import encode_memory_frames
+    from storymem.conditioning import encode_memory_frames
 
     n, k = references.shape[:2]
     flat = torch.from_numpy(np.ascontiguousarray(references)).flatten(0, 1)  # [N*K, H, W, 3]
@@ -619,7 +621,7 @@ def train_transformer(components: dict, latents: torch.Tensor, i2v_conditions: t
     """
     from diffusers.training_utils import EMAModel
 
-    from ..training.loss import flow_matching_loss
+    from storymem.training.loss import flow_matching_loss
 
     transformer, text_encoder, tokenizer = components["transformer"], components["text_encoder"], components["tokenizer"]
     if config.memory_prob and memory_latents is None:
@@ -718,7 +720,7 @@ def train_transformer(components: dict, latents: torch.Tensor, i2v_conditions: t
 # ---------------------------------------------------------------------------------------------- driver
 def save_base(components: dict, out_dir: Path, dtype: torch.dtype = torch.float16) -> Path:
     """Write the base as a diffusers folder (safetensors, ``dtype``) that StoryMemPipeline loads."""
-    from ..pipeline import StoryMemPipeline
+    from storymem.pipeline import StoryMemPipeline
 
     pipe = StoryMemPipeline(**components)
     pipe.to("cpu")
@@ -744,7 +746,7 @@ def train_base(config: ToyBaseConfig, out_dir, device: str = "cpu", workers: int
     ``processes`` (see :func:`init_processes`): a data-parallel continuation; only rank 0 writes."""
     from diffusers import AutoencoderKLWan
 
-    from ..conditioning import encode_video_condition
+    from storymem.conditioning import encode_video_condition
 
     config.validate()
     out_dir = Path(out_dir)
@@ -845,10 +847,11 @@ def _probs(text: str) -> tuple:
 
 
 def _parse(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="Train the small world's base video model (VAE, text encoder, "
+    ap = argparse.ArgumentParser(prog="python -m research.small_world.train_base",
+                                 description="Train the small world's base video model (VAE, text encoder, "
                                              "transformer) and save it as a diffusers folder.")
     ap.add_argument("--out", required=True, help="output folder (the model goes to OUT/base)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=default_device().type)
     ap.add_argument("--workers", type=int, default=1, help="processes rendering the training clips")
     ap.add_argument("--exclude-stories", help="a toy story set (index.json folder) whose characters stay out")
     ap.add_argument("--vae-minutes", type=float, help="stop VAE training after this long")
@@ -871,7 +874,7 @@ def _parse(argv=None) -> argparse.Namespace:
 
 
 def story_identities(stories_dir) -> list[str]:
-    """Every identity key of a toy story set (``index.json`` of :func:`storymem.toy.datasets.make_story_set`)."""
+    """Every identity key of a toy story set (``index.json`` of :func:`.datasets.make_story_set`)."""
     path = Path(stories_dir) / "index.json"
     try:
         index = json.loads(path.read_text(encoding="utf-8"))

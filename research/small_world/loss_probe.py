@@ -1,12 +1,12 @@
 """Does the model use what it has seen? Loss probes of a small-world base (and adapter), no sampling.
 
-    python benchmarks/toy_loss_probe.py --base storymem/toy/weights/base [--adapter ADAPTER] \
+    python -m research.small_world.loss_probe --base storymem/builtin/weights/base [--adapter ADAPTER] \
         [--probes cut,memory] [--count 64] [--device cpu] [--out probe]
 
 Each probe measures the flow-matching loss on the latent cells that show the character (the world knows which
 pixels are characters'), for the same clips, noise and timesteps under conditions that differ in one thing:
 
-* ``cut`` - clips that cut once to the same character elsewhere (:func:`storymem.toy.train_base.cut_clip`),
+* ``cut`` - clips that cut once to the same character elsewhere (:func:`research.small_world.train_base.cut_clip`),
   captioned "the same character ... then the same character ...", with the true first frame (I2V); loss on the
   frames after the cut. ``seen``: the true frames before the cut; ``other``: the same frames with another
   character in them (same scene and motion; its first frame given), the frames after unchanged;
@@ -20,7 +20,7 @@ pixels are characters'), for the same clips, noise and timesteps under condition
   memory, the caption names the character. ``other-memory`` above ``memory`` means memory is read.
 
 A gap is a relative loss difference (``other / seen - 1``): 0 when the frames are ignored. Far cheaper and
-finer-grained than generating and detecting (``toy_base_check.py --modes i2v-cut``, ``toy_memory_check.py``),
+finer-grained than generating and detecting (``base_check.py --modes i2v-cut``, ``memory_check.py``),
 so it can follow a training run; those checks say what the gaps are worth in drawn identities.
 """
 
@@ -28,18 +28,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from storymem.devices import default_device
 
-from storymem.toy.train_base import to_video  # noqa: E402
-from storymem.toy.world import ACCESSORIES, COLOURS, PATTERNS, SHAPES, Character, ClipSpec  # noqa: E402
+from .train_base import to_video
+from .world import ACCESSORIES, COLOURS, PATTERNS, SHAPES, Character, ClipSpec
 
 _CHOICES = {"shape": SHAPES, "colour": tuple(COLOURS), "pattern": PATTERNS, "accessory": ACCESSORIES}
 
@@ -79,7 +77,7 @@ def _recast(spec: ClipSpec, character: Character) -> ClipSpec:
 def make_cut_cases(count: int, seed: int, frames: int, size: int) -> list[dict]:
     """Per case: the cut clip and its captions, and the clip with a stand-in (:func:`_stand_ins`) before the cut,
     in the same scene and motion."""
-    from storymem.toy.train_base import cut_clip
+    from .train_base import cut_clip
 
     rng = np.random.default_rng([seed, 2])
     cases = []
@@ -147,7 +145,7 @@ class Prober:
 
     @torch.no_grad()
     def prompt_embeds(self, captions: list[str]) -> torch.Tensor:
-        from storymem.toy.train_base import MAX_SEQUENCE_LENGTH, _prompt_embeddings, tokenize
+        from .train_base import MAX_SEQUENCE_LENGTH, _prompt_embeddings, tokenize
 
         ids, mask = tokenize(self.pipe.tokenizer, captions)
         embeds = _prompt_embeddings(self.pipe.text_encoder, ids.to(self.device), mask.to(self.device)).float()
@@ -178,7 +176,7 @@ class Prober:
 
 
 def probe_cut(prober: Prober, cases: list[dict]) -> dict:
-    from storymem.toy.train_base import latent_character_mask
+    from .train_base import latent_character_mask
 
     video = to_video(np.stack([c["video"] for c in cases]))
     true_latents = prober.latents(video)
@@ -203,7 +201,7 @@ def probe_cut(prober: Prober, cases: list[dict]) -> dict:
 
 def probe_memory(prober: Prober, cases: list[dict]) -> dict:
     from storymem.conditioning import encode_memory_frames
-    from storymem.toy.train_base import latent_character_mask
+    from .train_base import latent_character_mask
 
     video = to_video(np.stack([c["video"] for c in cases]))
     latents = prober.latents(video)
@@ -238,7 +236,8 @@ def summarize(probe: str, losses: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m research.small_world.loss_probe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True)
     ap.add_argument("--adapter", help="storymem adapter to load (the memory probe is then the adapter's)")
     ap.add_argument("--probes", default="cut,memory", help=f"comma-separated: {', '.join(PROBES)}")
@@ -247,7 +246,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=default_device().type)
     ap.add_argument("--out", type=Path, help="folder for loss_probe.json")
     args = ap.parse_args(argv)
     probes = [p.strip() for p in args.probes.split(",") if p.strip()]
@@ -257,8 +256,9 @@ def main(argv=None) -> dict:
         ap.error("--count and --batch-size must be >= 1")
 
     from storymem import StoryMemPipeline
+    from storymem.devices import dtype_kwargs
 
-    pipe = StoryMemPipeline.from_pretrained(args.base, torch_dtype=torch.float32).to(args.device)
+    pipe = StoryMemPipeline.from_pretrained(args.base, **dtype_kwargs(torch.float32)).to(args.device)
     if args.adapter:
         pipe.load_storymem_lora(args.adapter)
     prober = Prober(pipe, args.device, args.seed)

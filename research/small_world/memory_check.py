@@ -1,7 +1,8 @@
 """What a small-world adapter takes from memory, one mechanism at a time: single shots of random characters,
 judged by the toy world's identity detector.
 
-    python benchmarks/toy_memory_check.py --base storymem/toy/weights/base --adapter storymem/toy/weights/adapter \
+    python -m research.small_world.memory_check --base storymem/builtin/weights/base \
+        --adapter storymem/builtin/weights/adapter \
         [--count 32] [--steps 8] [--memory-guidance 1] [--conditions ...] [--device cpu] [--out check]
 
 Each character gets a target clip (scene, motion) and a memory clip of the same character in another scene;
@@ -27,18 +28,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from storymem.devices import default_device
 
-from storymem.toy.checks import DetectionTally, sample_shot  # noqa: E402
-from storymem.toy.detector import IdentityDetector  # noqa: E402
-from storymem.toy.world import Character, ClipSpec  # noqa: E402
+from .checks import DetectionTally, sample_shot
+from .detector import IdentityDetector
+from .world import Character, ClipSpec
 
 CONDITIONS = ("named", "same", "same+memory", "same+scene-memory", "same+first-frame", "named+other-memory")
 MEMORY_FRAMES = (0, 8, 16)
@@ -91,7 +90,8 @@ def shot_inputs(condition: str, case: dict, frames: int) -> tuple[str, dict, Cha
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m research.small_world.memory_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True)
     ap.add_argument("--adapter", help="M2V adapter to load (without: the base alone, memory included)")
     ap.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated subset of the conditions")
@@ -103,7 +103,7 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=default_device().type)
     ap.add_argument("--out", type=Path, help="folder for memory_check.json and the contact sheet")
     args = ap.parse_args(argv)
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
@@ -114,8 +114,9 @@ def main(argv=None):
         ap.error("--count, --steps and --frames must be >= 1")
 
     from storymem import StoryMemPipeline
+    from storymem.devices import dtype_kwargs
 
-    pipe = StoryMemPipeline.from_pretrained(args.base, torch_dtype=torch.float32).to(args.device)
+    pipe = StoryMemPipeline.from_pretrained(args.base, **dtype_kwargs(torch.float32)).to(args.device)
     if args.adapter:
         pipe.load_storymem_lora(args.adapter)
     pipe.set_progress_bar_config(disable=True)

@@ -1,14 +1,14 @@
 """How well a small-world base model draws the character its prompt names: single shots of held-out
 characters, text-to-video and image-to-video, judged by the toy world's identity detector.
 
-    python benchmarks/toy_base_check.py --base runs/toy/base_run/base [--stories runs/toy/stories] \
+    python -m research.small_world.base_check --base runs/toy/base_run/base [--stories runs/toy/stories] \
         [--count 32] [--steps 20] [--device cuda] [--out check]
 
 Prints per-attribute accuracy and the share of shots whose whole identity is right, for T2V (prompt only) and
 I2V (prompt + the true first frame), and writes a contact sheet of the first shots (``--out``).
 
 ``--modes t2v,i2v,i2v-cut`` adds shots that cut once to the same character elsewhere
-(:func:`storymem.toy.train_base.cut_clip`): the true first frame is given and the prompt says only "the same
+(:func:`research.small_world.train_base.cut_clip`): the true first frame is given and the prompt says only "the same
 character ... then the same character ...", so the character after the cut can only come from the frames before
 it. They are judged after the cut: the base's skill of finding a character in one place and drawing it in
 another, which an M2V adapter needs to read memory.
@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from storymem.devices import default_device
 
-from storymem.toy.checks import DetectionTally, sample_shot  # noqa: E402
-from storymem.toy.detector import IdentityDetector  # noqa: E402
-from storymem.toy.train_base import cut_clip  # noqa: E402
-from storymem.toy.world import Character, ClipSpec  # noqa: E402
+from .checks import DetectionTally, sample_shot
+from .detector import IdentityDetector
+from .train_base import cut_clip
+from .world import Character, ClipSpec
 
 
 MODES = ("t2v", "i2v", "i2v-cut")
@@ -39,7 +37,7 @@ MODES = ("t2v", "i2v", "i2v-cut")
 def held_out_characters(stories: Path | None, count: int, seed: int) -> list[Character]:
     rng = np.random.default_rng(seed)
     if stories is not None:
-        from storymem.toy.train_base import story_identities
+        from .train_base import story_identities
 
         keys = story_identities(stories)
         return [Character.from_key(keys[i % len(keys)]) for i in range(count)]
@@ -47,7 +45,8 @@ def held_out_characters(stories: Path | None, count: int, seed: int) -> list[Cha
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m research.small_world.base_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True)
     ap.add_argument("--lora", help="also load this adapter (memory-free shots)")
     ap.add_argument("--stories", type=Path, help="toy story set whose characters to draw (default: random ones)")
@@ -57,7 +56,7 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=default_device().type)
     ap.add_argument("--modes", default="t2v,i2v", help="comma-separated: t2v, i2v, i2v-cut")
     ap.add_argument("--out", type=Path, help="folder for results.json and the contact sheet")
     args = ap.parse_args(argv)
@@ -66,8 +65,9 @@ def main(argv=None):
         ap.error(f"--modes: choose from {', '.join(MODES)}, got {args.modes!r}")
 
     from storymem import StoryMemPipeline
+    from storymem.devices import dtype_kwargs
 
-    pipe = StoryMemPipeline.from_pretrained(args.base, torch_dtype=torch.float32).to(args.device)
+    pipe = StoryMemPipeline.from_pretrained(args.base, **dtype_kwargs(torch.float32)).to(args.device)
     if args.lora:
         pipe.load_storymem_lora(args.lora)
     pipe.set_progress_bar_config(disable=True)
