@@ -8,7 +8,7 @@ Prints per-attribute accuracy and the share of shots whose whole identity is rig
 I2V (prompt + the true first frame), and writes a contact sheet of the first shots (``--out``).
 
 ``--modes t2v,i2v,i2v-cut`` adds shots that cut once to the same character elsewhere
-(:func:`research.small_world.train_base.cut_clip`): the true first frame is given and the prompt says only "the same
+(:func:`research.small_world.base_clips.cut_clip`): the true first frame is given and the prompt says only "the same
 character ... then the same character ...", so the character after the cut can only come from the frames before
 it. They are judged after the cut: the base's skill of finding a character in one place and drawing it in
 another, which an M2V adapter needs to read memory.
@@ -27,7 +27,7 @@ from storymem.devices import default_device
 
 from .checks import DetectionTally, sample_shot
 from .detector import IdentityDetector
-from .train_base import cut_clip
+from .base_clips import cut_clip
 from .world import Character, ClipSpec
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .detector import ATTRIBUTES, Detection
+from .detection import ATTRIBUTES, Detection
 from .world import Character
 
 __all__ = ["DetectionTally", "sample_shot"]

@@ -33,27 +33,38 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-from .world import (
+from .characters import (
     ACCESSORIES,
     COLOURS,
     PATTERNS,
     SHAPES,
     Character,
     Pose,
-    WorldError,
     accessory_colour,
     accessory_mask,
     body_mask,
     pattern_mask,
     shape_symmetry,
 )
+from .detection import (
+    ATTRIBUTES,
+    CharacterMatch,
+    Detection,
+    DetectorConfig,
+    as_character,
+    as_frames,
+    rgb_to_hsv,
+    softmax,
+)
 
+# The detection types are re-exported: ``detector`` is the one import for detecting.
 __all__ = [
+    "ATTRIBUTES",
     "CharacterMatch",
     "Detection",
     "DetectorConfig",
@@ -64,155 +75,7 @@ __all__ = [
     "same_character",
 ]
 
-ATTRIBUTES = ("shape", "colour", "pattern", "accessory")
 _COLOUR_NAMES = list(COLOURS)
-
-
-@dataclass
-class DetectorConfig:
-    """Settings of :class:`IdentityDetector` (the defaults are tuned for the toy world's own frames).
-
-    Attributes:
-        min_saturation, min_value: a pixel is a character pixel when its HSV saturation and value are at
-            least these (background colours stay below ``world.BACKGROUND_MAX_SATURATION`` or value
-            ``world.BACKGROUND_MAX_VALUE``).
-        max_hue_distance: degrees from the nearest palette hue beyond which a saturated pixel is unclassified.
-        min_pixels: smallest body (in pixels at the working scale) worth fitting.
-        min_fit: silhouette IoU below which a colour blob is not taken for a character.
-        working_scale: body half-size in pixels the analysis runs at; larger pictures are reduced.
-        max_frames: frames of a clip that are analysed (evenly spread).
-        template_size: resolution of the canonical templates (cells per side over ``[-2.2, 2.2]``).
-        sharpness: how sharply fit scores turn into attribute probabilities (softmax inverse temperature).
-        pattern_sharpness: the same for the share of brightness variance a pattern explains.
-        pattern_min_fit: share of the body's brightness variance a pattern must explain to be read (below
-            it the body is plain).
-        pattern_min_contrast: least darkening of the pattern's shade, relative to the body's brightness, for
-            a pattern to be read (the world draws 1 - PATTERN_SHADE = 0.5; blur lowers it).
-        pattern_margin: pixels (at the working scale) kept between the pixels a pattern is judged on and the
-            body's edge or the accessory (small bodies fall back to half a pixel).
-        candidates: best silhouette fits that compete again with their accessories on every pixel.
-        upright_prior: score handicap of an upside-down reading (scaled by (1 - cos angle) / 2).
-    """
-
-    min_saturation: float = 0.5
-    min_value: float = 0.3
-    max_hue_distance: float = 22.0
-    min_pixels: int = 12
-    min_fit: float = 0.45
-    working_scale: float = 11.0
-    max_frames: int = 6
-    template_size: int = 221
-    sharpness: float = 40.0
-    pattern_sharpness: float = 20.0
-    pattern_min_fit: float = 0.15
-    pattern_min_contrast: float = 0.1
-    pattern_margin: float = 1.0
-    candidates: int = 5
-    upright_prior: float = 0.03
-
-    def __post_init__(self):
-        if not 0.0 < self.min_saturation < 1.0 or not 0.0 <= self.min_value < 1.0:
-            raise ValueError(f"min_saturation must be in (0, 1) and min_value in [0, 1), got "
-                             f"{self.min_saturation}, {self.min_value}")
-        if (self.max_frames < 1 or self.min_pixels < 1 or self.candidates < 1 or self.template_size < 32
-                or self.working_scale < 4):
-            raise ValueError("max_frames, min_pixels and candidates must be >= 1, template_size >= 32 and "
-                             "working_scale >= 4")
-        if (not 0.0 < self.pattern_min_fit < 1.0 or not 0.0 <= self.pattern_min_contrast < 1.0
-                or self.pattern_margin < 0):
-            raise ValueError(f"pattern_min_fit must be in (0, 1), pattern_min_contrast in [0, 1) and pattern_margin "
-                             f">= 0, got {self.pattern_min_fit}, {self.pattern_min_contrast}, {self.pattern_margin}")
-
-
-@dataclass(frozen=True)
-class Detection:
-    """A detected character.
-
-    Attributes:
-        character: the identity read from the pixels.
-        confidence: in [0, 1]; for one frame, fit x the least certain attribute probability; for a clip, the
-            confidence mass of the analysed frames that agree with ``character``, over the frames analysed.
-        scores: probability of each attribute's value (``shape``, ``colour``, ``pattern``, ``accessory``).
-        fit: silhouette IoU of the body template (for a clip: mean over the frames that saw it).
-        pose: where the body is (in the input's pixels); for a clip, the pose in the first frame that saw it.
-        frames: how many analysed frames saw this character.
-    """
-
-    character: Character
-    confidence: float
-    scores: dict = field(default_factory=dict)
-    fit: float = 0.0
-    pose: Optional[Pose] = None
-    frames: int = 1
-
-    @property
-    def key(self) -> str:
-        return self.character.key
-
-    def to_dict(self) -> dict:
-        return {"character": self.character.to_dict(), "key": self.key, "confidence": round(self.confidence, 4),
-                "scores": {k: round(v, 4) for k, v in self.scores.items()}, "fit": round(self.fit, 4),
-                "frames": self.frames, "pose": None if self.pose is None else self.pose.to_dict()}
-
-
-@dataclass(frozen=True)
-class CharacterMatch:
-    """Whether two shots show the same character: ``same`` (all four attributes equal), ``agreement`` (share
-    of equal attributes), ``confidence`` (the lower of the two detections'; 0 when one found none)."""
-
-    same: bool
-    agreement: float
-    confidence: float
-    a: Optional[Detection]
-    b: Optional[Detection]
-
-
-CharacterLike = Union[Character, str, dict]
-
-
-def as_character(value: CharacterLike) -> Character:
-    """A :class:`Character` from a Character, a key (``red-striped-circle-hat``) or a dict."""
-    if isinstance(value, Character):
-        return value
-    if isinstance(value, str):
-        return Character.from_key(value)
-    if isinstance(value, dict):
-        return Character.from_dict(value.get("character", value))
-    raise WorldError(f"expected a character (Character, key or dict), got {type(value).__name__}")
-
-
-def _as_frames(frames) -> np.ndarray:
-    if hasattr(frames, "detach"):
-        frames = frames.detach().cpu().numpy()
-    array = np.asarray(frames)
-    if array.ndim == 3:
-        array = array[None]
-    if array.ndim != 4 or array.shape[-1] != 3 or array.shape[0] == 0:
-        raise ValueError(f"frames must be uint8 [N, H, W, 3] (or one [H, W, 3] frame), got shape {list(array.shape)}")
-    if array.dtype != np.uint8:
-        if not np.issubdtype(array.dtype, np.floating):
-            raise ValueError(f"frames must be uint8 or float in [0, 1], got dtype {array.dtype}")
-        array = np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return array
-
-
-def _softmax(scores: np.ndarray, sharpness: float) -> np.ndarray:
-    z = sharpness * (scores - scores.max())
-    e = np.exp(z)
-    return e / e.sum()
-
-
-def _rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hue in degrees, saturation and value of float RGB in [0, 1], [..., 3]."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    mx = rgb.max(-1)
-    mn = rgb.min(-1)
-    delta = mx - mn
-    safe = np.where(delta > 1e-6, delta, 1.0)
-    hue = np.where(mx == r, (g - b) / safe % 6.0, np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
-    hue = np.where(delta > 1e-6, hue * 60.0, 0.0)
-    saturation = np.where(mx > 1e-6, delta / np.where(mx > 1e-6, mx, 1.0), 0.0)
-    return hue.astype(np.float32), saturation.astype(np.float32), mx.astype(np.float32)
 
 
 @dataclass
@@ -269,7 +132,7 @@ class IdentityDetector:
         self._centroid = {s: (float(u[m].mean()), float(v[m].mean())) for s, m in bodies.items()}
         self._body = {s: np.pad(m, 1) for s, m in bodies.items()}
         self._accessory = {(s, a): np.pad(accessory_mask(a, s, u, v), 1) for s in SHAPES for a in ACCESSORIES[1:]}
-        hsv = _rgb_to_hsv(np.array(list(COLOURS.values()), np.float32) / 255.0)
+        hsv = rgb_to_hsv(np.array(list(COLOURS.values()), np.float32) / 255.0)
         self._palette_hue = hsv[0]
         self._complement = np.array([_COLOUR_NAMES.index(accessory_colour(c)) for c in _COLOUR_NAMES])
 
@@ -277,7 +140,7 @@ class IdentityDetector:
     def _classes(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(hard class or -1, value, nearest palette index, soft membership weight in [0, 1]) per pixel."""
         cfg = self.config
-        hue, saturation, value = _rgb_to_hsv(rgb)
+        hue, saturation, value = rgb_to_hsv(rgb)
         diff = np.abs(hue[..., None] - self._palette_hue)
         diff = np.minimum(diff, 360.0 - diff)
         nearest = diff.argmin(-1)
@@ -472,7 +335,7 @@ class IdentityDetector:
             return "plain", np.full(len(PATTERNS), 1.0 / len(PATTERNS))
         # Plain scores the least explained share a pattern must reach.
         scores = np.array([cfg.pattern_min_fit] + [explained[p] for p in PATTERNS[1:]])
-        probs = _softmax(scores, cfg.pattern_sharpness)
+        probs = softmax(scores, cfg.pattern_sharpness)
         return PATTERNS[int(scores.argmax())], probs
 
     def _labels(self, shape: str, accessory: str, x, y, scale, angle, px, py) -> np.ndarray:
@@ -600,8 +463,8 @@ class IdentityDetector:
             if s == shape:
                 accessory_scores[ACCESSORIES.index(a)] = max(accessory_scores[ACCESSORIES.index(a)], value)
         fit = _Fit(shape, score, *(float(v) for v in pose))
-        return (score, fit, accessory, _softmax(shape_scores, self.config.sharpness),
-                _softmax(accessory_scores, self.config.sharpness))
+        return (score, fit, accessory, softmax(shape_scores, self.config.sharpness),
+                softmax(accessory_scores, self.config.sharpness))
 
     def _fit_character(self, picture: _Picture, colour: int, available: np.ndarray) -> Optional[tuple]:
         """Read the character whose body has colour ``colour``: (character, attribute probabilities, fit,
@@ -651,7 +514,7 @@ class IdentityDetector:
     # ------------------------------------------------------------------ public API
     def detect_frame(self, frame) -> list[Detection]:
         """Characters in one frame (uint8 [H, W, 3]), most confident first; empty when there is none."""
-        frame = _as_frames(frame)
+        frame = as_frames(frame)
         if frame.shape[0] != 1:
             raise ValueError(f"detect_frame takes one frame, got {frame.shape[0]}; use detect() for a clip")
         picture = self._picture(frame[0])
@@ -690,7 +553,7 @@ class IdentityDetector:
         """Characters of a clip (uint8 [N, H, W, 3]), most confident first: the analysed frames vote on each
         attribute, weighted by their confidence. One character per body colour (the world never shows two
         characters of one colour together)."""
-        frames = _as_frames(frames)
+        frames = as_frames(frames)
         indices = self.frame_indices(frames.shape[0])
         by_colour: dict[str, list[Detection]] = {}
         for i in indices:

@@ -6,7 +6,7 @@
 Each probe measures the flow-matching loss on the latent cells that show the character (the world knows which
 pixels are characters'), for the same clips, noise and timesteps under conditions that differ in one thing:
 
-* ``cut`` - clips that cut once to the same character elsewhere (:func:`research.small_world.train_base.cut_clip`),
+* ``cut`` - clips that cut once to the same character elsewhere (:func:`research.small_world.base_clips.cut_clip`),
   captioned "the same character ... then the same character ...", with the true first frame (I2V); loss on the
   frames after the cut. ``seen``: the true frames before the cut; ``other``: the same frames with another
   character in them (same scene and motion; its first frame given), the frames after unchanged;
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from storymem.devices import default_device
 
-from .train_base import to_video
+from .base_clips import to_video
 from .world import ACCESSORIES, COLOURS, PATTERNS, SHAPES, Character, ClipSpec
 
 _CHOICES = {"shape": SHAPES, "colour": tuple(COLOURS), "pattern": PATTERNS, "accessory": ACCESSORIES}
@@ -77,7 +77,7 @@ def _recast(spec: ClipSpec, character: Character) -> ClipSpec:
 def make_cut_cases(count: int, seed: int, frames: int, size: int) -> list[dict]:
     """Per case: the cut clip and its captions, and the clip with a stand-in (:func:`_stand_ins`) before the cut,
     in the same scene and motion."""
-    from .train_base import cut_clip
+    from .base_clips import cut_clip
 
     rng = np.random.default_rng([seed, 2])
     cases = []
@@ -145,10 +145,10 @@ class Prober:
 
     @torch.no_grad()
     def prompt_embeds(self, captions: list[str]) -> torch.Tensor:
-        from .train_base import MAX_SEQUENCE_LENGTH, _prompt_embeddings, tokenize
+        from .base_steps import MAX_SEQUENCE_LENGTH, prompt_embeddings, tokenize
 
         ids, mask = tokenize(self.pipe.tokenizer, captions)
-        embeds = _prompt_embeddings(self.pipe.text_encoder, ids.to(self.device), mask.to(self.device)).float()
+        embeds = prompt_embeddings(self.pipe.text_encoder, ids.to(self.device), mask.to(self.device)).float()
         return F.pad(embeds, (0, 0, 0, MAX_SEQUENCE_LENGTH - embeds.shape[1]))
 
     @torch.no_grad()
@@ -176,7 +176,7 @@ class Prober:
 
 
 def probe_cut(prober: Prober, cases: list[dict]) -> dict:
-    from .train_base import latent_character_mask
+    from .base_clips import latent_character_mask
 
     video = to_video(np.stack([c["video"] for c in cases]))
     true_latents = prober.latents(video)
@@ -201,7 +201,7 @@ def probe_cut(prober: Prober, cases: list[dict]) -> dict:
 
 def probe_memory(prober: Prober, cases: list[dict]) -> dict:
     from storymem.conditioning import encode_memory_frames
-    from .train_base import latent_character_mask
+    from .base_clips import latent_character_mask
 
     video = to_video(np.stack([c["video"] for c in cases]))
     latents = prober.latents(video)

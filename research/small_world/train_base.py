@@ -47,6 +47,9 @@ trains in one process)::
 Each process renders ``--num-clips`` clips of its own (rank 0 from ``--seed``, rank r from ``seed * 1000 + r``)
 and draws ``--batch-size`` of them a step; gradients are averaged, so a step sees N times the batch. The
 learning-rate schedule follows the slowest process's clock, and rank 0 saves.
+
+The clips come from :mod:`.base_clips`, the training steps from :mod:`.base_steps`; this module holds the
+settings, builds or loads the model, runs the stages and saves the result.
 """
 
 from __future__ import annotations
@@ -55,41 +58,40 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from storymem.atomic import atomic_write_json
 from storymem.devices import default_device
 
-from .world import Character, ClipSpec
+from .base_clips import CAPTION_MODES, check_mode_probs, render_reference_frames, render_training_clips
+from .base_steps import (
+    Processes,
+    encode_clips,
+    encode_reference_frames,
+    init_processes,
+    reconstruction_psnr,
+    set_latent_statistics,
+    train_transformer,
+    train_vae,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ToyBaseConfig",
     "build_base_components",
-    "cut_clip",
-    "latent_character_mask",
     "load_base_components",
-    "render_reference_frames",
-    "render_training_clips",
-    "to_video",
+    "main",
+    "save_base",
+    "story_identities",
     "train_base",
-    "train_vae",
-    "train_transformer",
 ]
-
-MAX_SEQUENCE_LENGTH = 512  # what the pipeline pads prompts to; training must see the same padding
-CAPTION_MODES = ("first", "named", "returns", "same")
 
 
 @dataclass
@@ -163,7 +165,7 @@ class ToyBaseConfig:
         if self.vae_window > self.num_frames:
             raise ValueError(f"vae_window ({self.vae_window}) is longer than the clips ({self.num_frames})")
         for name in ("caption_mode_probs", "cut_caption_mode_probs"):
-            _check_mode_probs(getattr(self, name), name)
+            check_mode_probs(getattr(self, name), name)
         for name in ("cut_prob", "memory_prob", "memory_distractor_prob", "referential_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -178,13 +180,6 @@ class ToyBaseConfig:
     @property
     def spatial_scale(self) -> int:
         return 2 ** (len(self.vae_dim_mult) - 1)
-
-
-def _check_mode_probs(probs, name: str):
-    probs = tuple(probs)
-    if len(probs) != len(CAPTION_MODES) or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
-        raise ValueError(f"{name} must be {len(CAPTION_MODES)} probabilities (for {', '.join(CAPTION_MODES)}) "
-                         f"summing to 1, got {probs}")
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -234,487 +229,6 @@ def load_base_components(folder) -> dict:
     return dict(vae=AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval(),
                 text_encoder=UMT5EncoderModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32),
                 transformer=WanTransformer3DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32))
-
-
-# ---------------------------------------------------------------------------------------------- data
-def cut_clip(rng: np.random.Generator, first: ClipSpec, mode: str, num_frames: int, height: int, width: int,
-             temporal_scale: int = 4) -> tuple[np.ndarray, str, int]:
-    """A clip of ``first`` that cuts once to its character in a random other clip (scene, place, motion).
-
-    The cut falls between two latent frames (after pixel frame ``4j``), so no latent frame mixes the two
-    shots, with at least two latent frames before it and one after. The caption describes the first shot in
-    ``mode``, then the second as "the same character ...": after the cut, only the frames before it say who to
-    draw.
-
-    Returns ``(frames uint8 [T, H, W, 3], caption, cut)`` where ``cut`` is the first frame of the second shot.
-    """
-    latent_frames = (num_frames - 1) // temporal_scale + 1
-    if (num_frames - 1) % temporal_scale or latent_frames < 3:
-        raise ValueError(f"a cut needs num_frames = {temporal_scale}n+1 >= {2 * temporal_scale + 1}, got {num_frames}")
-    j = int(rng.integers(1, latent_frames - 1))  # latent frames 0..j show the first shot
-    cut = temporal_scale * j + 1
-    second = ClipSpec.random(rng, first.characters[0])
-    video = np.concatenate([first.render(num_frames, height, width)[:cut],
-                            second.render(num_frames, height, width)[:num_frames - cut]])
-    return video, f"{first.caption(mode)} then {second.caption('same')}", cut
-
-
-def _render_chunk(job: tuple) -> tuple[np.ndarray, list[str], list[str], list[str]]:
-    seed, count, num_frames, height, width, mode_probs, exclude, cut_prob, cut_mode_probs = job
-    rng = np.random.default_rng(seed)
-    frames = np.empty((count, num_frames, height, width, 3), np.uint8)
-    captions, identities, referential = [], [], []
-    for i in range(count):
-        character = Character.random(rng, exclude=exclude)
-        spec = ClipSpec.random(rng, character)
-        mode = CAPTION_MODES[int(rng.choice(len(CAPTION_MODES), p=mode_probs))]
-        # No draw without cuts: the clips of a seed stay what they were before cuts existed.
-        if cut_prob and rng.random() < cut_prob:
-            mode = CAPTION_MODES[int(rng.choice(len(CAPTION_MODES), p=cut_mode_probs))]
-            frames[i], caption, _ = cut_clip(rng, spec, mode, num_frames, height, width)
-            same = caption  # after the cut it is referential already; before it, mostly too
-        else:
-            frames[i], caption = spec.render(num_frames, height, width), spec.caption(mode)
-            same = spec.caption("same")
-        captions.append(caption)
-        identities.append(character.key)
-        referential.append(same)
-    return frames, captions, identities, referential
-
-
-def render_training_clips(count: int, num_frames: int, height: int, width: int, seed: int = 0,
-                          exclude: Sequence[str] = (), mode_probs: Sequence[float] = (0.5, 0.25, 0.15, 0.1),
-                          workers: int = 1, chunk: int = 250,
-                          cut_prob: float = 0.0, cut_mode_probs: Sequence[float] = (0.1, 0.05, 0.1, 0.75),
-                          ) -> tuple[np.ndarray, list[str], list[str], list[str]]:
-    """``count`` single-character clips of random characters (identities in ``exclude`` left out) in random
-    scenes, with captions in the given mix of modes; a share ``cut_prob`` of them cut once to the same
-    character elsewhere (:func:`cut_clip`), the part before the cut captioned in the ``cut_mode_probs`` mix.
-    Deterministic per ``seed`` whatever ``workers``.
-
-    Returns ``(frames uint8 [N, T, H, W, 3], captions, identity keys, referential captions)``, the last being
-    each clip's caption in the ``same`` mode ("the same character ..."; a cut clip's caption as it is).
-    """
-    if not 0.0 <= cut_prob <= 1.0:
-        raise ValueError(f"cut_prob must be in [0, 1], got {cut_prob}")
-    _check_mode_probs(mode_probs, "mode_probs")
-    _check_mode_probs(cut_mode_probs, "cut_mode_probs")
-    jobs = [(int(np.random.default_rng([seed, i]).integers(2 ** 31)), min(chunk, count - start), num_frames,
-             height, width, tuple(mode_probs), tuple(exclude), float(cut_prob), tuple(cut_mode_probs))
-            for i, start in enumerate(range(0, count, chunk))]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            parts = list(pool.map(_render_chunk, jobs))
-    else:
-        parts = [_render_chunk(job) for job in jobs]
-    frames = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, num_frames, height, width, 3), np.uint8)
-    return (frames, [c for p in parts for c in p[1]], [k for p in parts for k in p[2]],
-            [c for p in parts for c in p[3]])
-
-
-def _render_reference_chunk(job: tuple) -> np.ndarray:
-    seed, keys, per_clip, num_frames, height, width = job
-    rng = np.random.default_rng(seed)
-    out = np.empty((len(keys), per_clip, height, width, 3), np.uint8)
-    for i, key in enumerate(keys):
-        character = Character.from_key(key)
-        filled = 0
-        while filled < per_clip:
-            video = ClipSpec.random(rng, character).render(num_frames, height, width)
-            take = min(2, per_clip - filled)
-            for t in sorted(rng.choice(num_frames, size=take, replace=False)):
-                out[i, filled] = video[t]
-                filled += 1
-    return out
-
-
-def render_reference_frames(identities: Sequence[str], per_clip: int, num_frames: int, height: int, width: int,
-                            seed: int = 0, workers: int = 1, chunk: int = 250) -> np.ndarray:
-    """Memory frames for training clips: for each identity key, ``per_clip`` frames of that character in other
-    clips (two random frames from each, every clip in a random scene, place and motion), the way a memory bank
-    holds keyframes of earlier shots. Deterministic per ``seed`` whatever ``workers``.
-
-    Returns uint8 ``[N, per_clip, H, W, 3]``.
-    """
-    if per_clip < 1:
-        raise ValueError(f"per_clip must be >= 1, got {per_clip}")
-    jobs = [(int(np.random.default_rng([seed, 7, i]).integers(2 ** 31)), list(identities[start:start + chunk]),
-             per_clip, num_frames, height, width) for i, start in enumerate(range(0, len(identities), chunk))]
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            parts = list(pool.map(_render_reference_chunk, jobs))
-    else:
-        parts = [_render_reference_chunk(job) for job in jobs]
-    return np.concatenate(parts) if parts else np.empty((0, per_clip, height, width, 3), np.uint8)
-
-
-# Darkest background value 0.28; darkest pattern shade 0.78 x 0.5 = 0.39 (world.COLOURS, PATTERN_SHADE).
-_CHARACTER_MIN_VALUE = 0.33
-
-
-def to_video(frames_uint8: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """uint8 [B, T, H, W, 3] (tensor or array) -> float [B, 3, T, H, W] in [-1, 1]."""
-    if isinstance(frames_uint8, np.ndarray):
-        frames_uint8 = torch.from_numpy(np.ascontiguousarray(frames_uint8))
-    return frames_uint8.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
-
-
-def _character_weight(video: torch.Tensor, extra: float) -> torch.Tensor:
-    """1 + extra on saturated pixels: the world draws characters in saturated colours and backgrounds muted or
-    dark, so this puts the loss where identities are. The value floor sits between the darkest background
-    (:data:`~research.small_world.world.BACKGROUND_MAX_VALUE`) and the darkest pattern shade, so patterns count too: a
-    floor above the shade taught a VAE to paint bodies plain."""
-    rgb = (video + 1) / 2
-    top = rgb.amax(dim=1, keepdim=True)
-    saturation = (top - rgb.amin(dim=1, keepdim=True)) / top.clamp_min(1e-3)
-    return 1.0 + extra * ((saturation > 0.6) & (top > _CHARACTER_MIN_VALUE)).float()
-
-
-class _Clock:
-    """Training progress by steps or by wall time, whichever runs out first."""
-
-    def __init__(self, steps: int, minutes: Optional[float]):
-        self.start = time.perf_counter()
-        self.steps = steps
-        self.limit = None if minutes is None else 60.0 * minutes
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def progress(self, step: int) -> float:
-        by_steps = step / max(1, self.steps)
-        return by_steps if self.limit is None else max(by_steps, self.elapsed() / self.limit)
-
-    def out(self, step: int) -> bool:
-        return self.progress(step) >= 1.0
-
-
-def _set_lr(optimizer, base_lr: float, step: int, warmup: int, progress: float) -> float:
-    """Linear warmup, then cosine decay to a tenth over the run's progress (steps or time, so a run cut short
-    by its time limit still anneals)."""
-    factor = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
-    for group in optimizer.param_groups:
-        group["lr"] = base_lr * factor
-    return base_lr * factor
-
-
-# ---------------------------------------------------------------------------------------------- processes
-@dataclass(frozen=True)
-class Processes:
-    """This process's place in a data-parallel run (``torchrun``); rank 0 of 1 when it runs alone."""
-
-    rank: int = 0
-    world: int = 1
-
-    def broadcast(self, params: Sequence[torch.Tensor]) -> None:
-        """Every process starts from rank 0's weights."""
-        if self.world > 1:
-            import torch.distributed as dist
-
-            for p in params:
-                dist.broadcast(p.data, src=0)
-
-    def average_gradients(self, params: Sequence[torch.Tensor]) -> None:
-        """Replace each gradient with its mean over the processes (one flat all-reduce)."""
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p in params:
-            p.grad = flat[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-
-    def agree(self, value: float, device) -> float:
-        """The largest ``value`` over the processes: where a time limit is concerned, the slowest clock."""
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
-
-
-def init_processes(device: str) -> tuple[Processes, str]:
-    """Join the process group that ``torchrun`` describes (WORLD_SIZE > 1), each process on its own GPU
-    (``cuda:LOCAL_RANK``; gloo on the CPU). Returns the run's :class:`Processes` and this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Processes(), device
-    import torch.distributed as dist
-
-    if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Processes(dist.get_rank(), dist.get_world_size()), device
-
-
-# ---------------------------------------------------------------------------------------------- VAE
-def train_vae(vae, clips: torch.Tensor, config: ToyBaseConfig, device, minutes: Optional[float] = None,
-              log_every: int = 100, generator: Optional[torch.Generator] = None) -> list[float]:
-    """Train ``vae`` in place on random windows of ``clips`` (uint8 [N, T, H, W, 3], CPU). Returns the losses."""
-    vae.to(device).train().requires_grad_(True)
-    trained = vae
-    if config.vae_decoder_only:
-        vae.requires_grad_(False)
-        trained = torch.nn.ModuleList([vae.decoder, vae.post_quant_conv]).requires_grad_(True)
-        vae.encoder.eval()
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    warmup = min(200, config.vae_steps // 10)
-    generator = generator or torch.Generator().manual_seed(config.seed)
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                              enabled=torch.device(device).type == "cuda")
-    clock, losses = _Clock(config.vae_steps, minutes), []
-    n, length = clips.shape[0], clips.shape[1]
-    for step in range(config.vae_steps):
-        _set_lr(optimizer, config.vae_lr, step, warmup, clock.progress(step))
-        index = torch.randint(n, (config.vae_batch_size,), generator=generator)
-        start = int(torch.randint(length - config.vae_window + 1, (1,), generator=generator))
-        video = to_video(clips[index, start:start + config.vae_window].to(device, non_blocking=True))
-        with autocast, torch.set_grad_enabled(not config.vae_decoder_only):
-            posterior = vae.encode(video).latent_dist
-        with autocast:
-            reconstruction = vae.decode(posterior.sample(generator=None)).sample
-        reconstruction = reconstruction.float()
-        weight = _character_weight(video, config.character_weight)
-        error = reconstruction - video
-        loss = (weight * (error.abs() + error.square())).mean() / weight.mean()
-        if not config.vae_decoder_only:
-            loss = loss + config.vae_kl_weight * posterior.kl().float().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if log_every and (step % log_every == 0 or step == config.vae_steps - 1):
-            logger.info("vae step %d loss %.4f (%.0f s)", step, float(np.mean(losses[-log_every:])), clock.elapsed())
-        if clock.out(step + 1):
-            if step + 1 < config.vae_steps:
-                logger.info("vae: time limit reached after %d steps", step + 1)
-            break
-    vae.eval().requires_grad_(False)
-    return losses
-
-
-def latent_character_mask(video: torch.Tensor, temporal_scale: int = 4, spatial_scale: int = 4) -> torch.Tensor:
-    """Which latent cells show a character: ``video`` float ``[B, 3, T, H, W]`` in [-1, 1] (T = 4n+1) ->
-    ``[B, 1, f, H/s, W/s]`` of 0/1, a cell being 1 if any of its pixels, in any frame it encodes, is a
-    character's (saturated) pixel. Latent frame 0 encodes pixel frame 0, frame k the frames 4k-3 .. 4k."""
-    from storymem.training.sources import mask_latent_cells
-
-    return mask_latent_cells(_character_weight(video, 1.0) - 1.0, temporal_scale, spatial_scale)
-
-
-@torch.no_grad()
-def reconstruction_psnr(vae, clips: torch.Tensor, device, batch_size: int = 32) -> dict:
-    """PSNR (dB) of the VAE's reconstructions of ``clips``: whole frames and character pixels only."""
-    errors, weights = [], []
-    for start in range(0, clips.shape[0], batch_size):
-        video = to_video(clips[start:start + batch_size].to(device))
-        reconstruction = vae.decode(vae.encode(video).latent_dist.mode()).sample.float().clamp(-1, 1)
-        errors.append(((reconstruction - video) / 2).square())
-        weights.append(_character_weight(video, 1.0) - 1.0)
-    error, character = torch.cat(errors), torch.cat(weights).expand_as(torch.cat(errors))
-    mse_all = float(error.mean())
-    mse_character = float((error * character).sum() / character.sum().clamp_min(1))
-    return {"psnr": round(-10 * math.log10(max(mse_all, 1e-10)), 2),
-            "character_psnr": round(-10 * math.log10(max(mse_character, 1e-10)), 2)}
-
-
-@torch.no_grad()
-def set_latent_statistics(vae, clips: torch.Tensor, device, batch_size: int = 64) -> tuple[list, list]:
-    """Per-channel mean and std of the VAE's latents (posterior mode) over ``clips``, written to the VAE
-    config as ``latents_mean`` / ``latents_std`` (how Wan pipelines normalise latents)."""
-    total, total_sq, count = 0.0, 0.0, 0
-    for start in range(0, clips.shape[0], batch_size):
-        video = to_video(clips[start:start + batch_size].to(device))
-        z = vae.encode(video.to(vae.dtype)).latent_dist.mode().float()
-        total = total + z.sum(dim=(0, 2, 3, 4)).double()
-        total_sq = total_sq + z.square().sum(dim=(0, 2, 3, 4)).double()
-        count += z.numel() // z.shape[1]
-    mean = total / count
-    std = (total_sq / count - mean.square()).clamp_min(1e-8).sqrt()
-    mean_list, std_list = [round(float(v), 5) for v in mean], [round(float(v), 5) for v in std]
-    vae.register_to_config(latents_mean=mean_list, latents_std=std_list)
-    return mean_list, std_list
-
-
-@torch.no_grad()
-def encode_clips(vae, clips: torch.Tensor, device, batch_size: int = 64, out_dtype=torch.bfloat16):
-    """Normalised latents of the clips and their image-to-video conditions (first frame, then zeros)."""
-    from storymem.conditioning import encode_video_condition, normalize_latents
-
-    _, length, height, width, _ = clips.shape
-    latents, conditions = [], []
-    for start in range(0, clips.shape[0], batch_size):
-        video = to_video(clips[start:start + batch_size].to(device))
-        latents.append(normalize_latents(vae, vae.encode(video).latent_dist.mode().float()).to(out_dtype))
-        conditions.append(encode_video_condition(vae, video[:, :, :1], length, height, width,
-                                                 batch_size=video.shape[0], device=device).to(out_dtype))
-    return torch.cat(latents), torch.cat(conditions)
-
-
-@torch.no_grad()
-def encode_reference_frames(vae, references: np.ndarray, device, batch_size: int = 512,
-                            out_dtype=torch.bfloat16) -> torch.Tensor:
-    """uint8 ``[N, K, H, W, 3]`` reference frames -> normalised memory latents ``[N, z, K, h, w]``, each frame
-    encoded on its own as a one-frame video, as the pipeline encodes memory
-    (:func:`~storymem.conditioning.encode_memory_frames`)."""
-    from storymem.conditioning import encode_memory_frames
-
-    n, k = references.shape[:2]
-    flat = torch.from_numpy(np.ascontiguousarray(references)).flatten(0, 1)  # [N*K, H, W, 3]
-    parts = []
-    for start in range(0, flat.shape[0], batch_size):
-        images = flat[start:start + batch_size].to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        parts.append(encode_memory_frames(vae, images, batch_size=batch_size)[0].to(out_dtype))  # [z, m, h, w]
-    latents = torch.cat(parts, dim=1)  # [z, N*K, h, w]
-    return latents.unflatten(1, (n, k)).permute(1, 0, 2, 3, 4).contiguous()
-
-
-# ---------------------------------------------------------------------------------------------- transformer
-def _prompt_embeddings(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Wan's prompt encoding: the encoder's states up to each prompt's length, zeros after (as
-    ``WanImageToVideoPipeline._get_t5_prompt_embeds``)."""
-    states = text_encoder(ids, mask).last_hidden_state
-    return states * mask.unsqueeze(-1).to(states.dtype)
-
-
-def tokenize(tokenizer, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    from diffusers.pipelines.wan.pipeline_wan_i2v import prompt_clean
-
-    inputs = tokenizer([prompt_clean(c) for c in captions], padding="max_length", max_length=MAX_SEQUENCE_LENGTH,
-                       truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-    return inputs.input_ids, inputs.attention_mask
-
-
-def train_transformer(components: dict, latents: torch.Tensor, i2v_conditions: torch.Tensor,
-                      m2v_condition: torch.Tensor, captions: Sequence[str], config: ToyBaseConfig, device,
-                      minutes: Optional[float] = None, log_every: int = 200,
-                      generator: Optional[torch.Generator] = None,
-                      processes: Processes = Processes(),
-                      referential_captions: Optional[Sequence[str]] = None,
-                      memory_latents: Optional[torch.Tensor] = None) -> list[float]:
-    """Train the transformer and the text encoder in place (then load their EMA weights). Returns the losses
-    (this process's).
-
-    ``latents`` / ``i2v_conditions``: normalised ``[N, z, f, h, w]`` on ``device``; ``m2v_condition``:
-    ``[1, z, f, h, w]``. Under several ``processes`` each trains on its own clips and gradients are averaged.
-
-    A share ``config.memory_prob`` of the steps is in the M2V memory layout: ``memory_latents`` ``[N, z, K, h,
-    w]`` (normalised, one latent frame per reference image; :func:`render_reference_frames`) hold K references
-    per clip, and the step puts 1..K of them (the same choice for the whole batch) before the clip, at
-    negative RoPE times, with the loss on the clip alone (:func:`~storymem.training.loss.flow_matching_loss`,
-    the function adapter training uses). Memory steps are image-to-video as often as the others. On
-    image-to-video and memory steps, ``config.referential_prob`` of the captions are replaced by
-    ``referential_captions`` (each clip's "the same character ..." form), except on the
-    ``config.memory_distractor_prob`` of memory steps that also hold a reference of another character: there
-    the caption is what says which one to draw.
-    """
-    from diffusers.training_utils import EMAModel
-
-    from storymem.training.loss import flow_matching_loss
-
-    transformer, text_encoder, tokenizer = components["transformer"], components["text_encoder"], components["tokenizer"]
-    if config.memory_prob and memory_latents is None:
-        raise ValueError("config.memory_prob > 0 needs memory_latents (reference frames of each clip's character)")
-    if config.referential_prob and referential_captions is None:
-        raise ValueError("config.referential_prob > 0 needs referential_captions")
-    if memory_latents is not None and (memory_latents.shape[0] != latents.shape[0]
-                                       or memory_latents.shape[3:] != latents.shape[3:]):
-        raise ValueError(f"memory_latents {tuple(memory_latents.shape)} do not match latents {tuple(latents.shape)}")
-    train_text = not config.freeze_text_encoder
-    transformer.to(device).train().requires_grad_(True)
-    text_encoder.to(device).train(train_text).requires_grad_(train_text)
-    ids, mask = tokenize(tokenizer, captions)
-    empty_ids, empty_mask = tokenize(tokenizer, [""])
-    ref_ids, ref_mask = tokenize(tokenizer, referential_captions) if referential_captions is not None else (ids, mask)
-    # Prompts are short: the encoder only needs the first tokens (the rest is padding it masks anyway).
-    used = max(int(mask.sum(dim=1).max()), int(ref_mask.sum(dim=1).max()))
-    ids, mask = ids[:, :used].to(device), mask[:, :used].to(device)
-    ref_ids, ref_mask = ref_ids[:, :used].to(device), ref_mask[:, :used].to(device)
-    empty_ids, empty_mask = empty_ids[:, :used].to(device), empty_mask[:, :used].to(device)
-
-    params = list(transformer.parameters()) + (list(text_encoder.parameters()) if train_text else [])
-    processes.broadcast(params)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    ema = EMAModel(params, decay=config.ema_decay)
-    generator = generator or torch.Generator().manual_seed(config.seed + 1 + 7919 * processes.rank)
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                              enabled=torch.device(device).type == "cuda")
-    n, f = latents.shape[0], latents.shape[2]
-    empty_memory = latents.new_zeros(config.batch_size, latents.shape[1], 0, *latents.shape[3:]).float()
-    clock, losses = _Clock(config.steps, minutes), []
-    progress = processes.agree(clock.progress(0), device)
-    for step in range(config.steps):
-        lr = _set_lr(optimizer, config.lr, step, config.warmup_steps, progress)
-        index = torch.randint(n, (config.batch_size,), generator=generator)
-        i2v = bool(torch.rand((), generator=generator) < config.i2v_prob)
-        dropped = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
-        # Draws only when a setting is on, so runs without them see the batches they always saw.
-        with_memory = bool(config.memory_prob and torch.rand((), generator=generator) < config.memory_prob)
-        distractor = bool(with_memory and config.memory_distractor_prob
-                          and torch.rand((), generator=generator) < config.memory_distractor_prob)
-        index_d = index.to(device)
-        batch_ids, batch_mask = ids[index_d], mask[index_d]
-        if config.referential_prob and (i2v or with_memory) and not distractor:
-            same = (torch.rand(config.batch_size, generator=generator) < config.referential_prob).to(device)[:, None]
-            batch_ids = torch.where(same, ref_ids[index_d], batch_ids)
-            batch_mask = torch.where(same, ref_mask[index_d], batch_mask)
-        batch_ids = torch.where(dropped.to(device)[:, None], empty_ids.expand(config.batch_size, -1), batch_ids)
-        batch_mask = torch.where(dropped.to(device)[:, None], empty_mask.expand(config.batch_size, -1), batch_mask)
-        memory = empty_memory
-        if with_memory:
-            k = memory_latents.shape[2]
-            chosen = torch.randperm(k, generator=generator)[: int(torch.randint(1, k + 1, (), generator=generator))]
-            memory = memory_latents[index_d][:, :, chosen.to(device)].float()
-            if distractor:  # a reference of the next sample's character, somewhere among this sample's
-                j = int(torch.randint(k, (), generator=generator))
-                at = int(torch.randint(memory.shape[2] + 1, (), generator=generator))
-                other = memory_latents[index_d.roll(1)][:, :, j:j + 1].float()
-                memory = torch.cat([memory[:, :, :at], other, memory[:, :, at:]], dim=2)
-        with autocast, torch.set_grad_enabled(train_text):
-            embeds = _prompt_embeddings(text_encoder, batch_ids, batch_mask)
-        embeds = F.pad(embeds.float(), (0, 0, 0, MAX_SEQUENCE_LENGTH - embeds.shape[1]))
-        batch = {
-            "latents": latents[index_d].float(),
-            "memory_latents": memory,
-            "video_condition": (i2v_conditions[index_d] if i2v else m2v_condition.expand(config.batch_size, -1, -1, -1, -1)).float(),
-            "num_frames": (f - 1) * 4 + 1,
-            "num_context_frames": 1 if i2v else 0,
-            "prompt_embeds": embeds,
-        }
-        with autocast:
-            loss, _ = flow_matching_loss(transformer, batch, expert="all", flow_shift=config.flow_shift,
-                                         weight_dtype=torch.float32, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        processes.average_gradients(params)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        ema.step(params)
-        losses.append(float(loss.detach()))
-        if log_every and processes.rank == 0 and (step % log_every == 0 or step == config.steps - 1):
-            logger.info("transformer step %d loss %.4f lr %.2e (%.0f s)", step, float(np.mean(losses[-log_every:])),
-                        lr, clock.elapsed())
-        # One agreed progress for the next step's learning rate and for stopping: every process stops together.
-        progress = processes.agree(clock.progress(step + 1), device)
-        if progress >= 1.0:
-            if step + 1 < config.steps:
-                logger.info("transformer: time limit reached after %d steps", step + 1)
-            break
-    ema.copy_to(params)
-    transformer.eval().requires_grad_(False)
-    text_encoder.eval().requires_grad_(False)
-    return losses
 
 
 # ---------------------------------------------------------------------------------------------- driver

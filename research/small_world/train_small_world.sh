@@ -13,7 +13,7 @@
 # CONTINUE_LR (3e-4), CONTINUE_WARMUP (200), CONTINUE_GPUS (1; N: torchrun, N processes, each rendering its own
 # clips with WORKERS processes and drawing CONTINUE_BATCH of them a step), CONTINUE_CUT_PROB (unset: single shots;
 # p: a share of the round's clips cut once to the same character elsewhere, see
-# research.small_world.train_base.cut_clip), CONTINUE_CUT_CAPTIONS
+# research.small_world.base_clips.cut_clip), CONTINUE_CUT_CAPTIONS
 # (probabilities of the caption modes first,named,returns,same before a cut; default 0.1,0.05,0.1,0.75),
 # CONTINUE_MEMORY_PROB (unset: none; p: a share of the steps in the M2V memory layout, with frames of the clip's
 # character from other clips), CONTINUE_MEMORY_DISTRACTOR (unset: none; p: a share of the memory steps with

@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from research.small_world.train_base import (
-    ToyBaseConfig,
-    build_base_components,
-    cut_clip,
-    render_training_clips,
-    story_identities,
-    train_base,
-    train_transformer,
-)
+from research.small_world.base_clips import cut_clip, render_training_clips
+from research.small_world.base_steps import train_transformer
+from research.small_world.train_base import ToyBaseConfig, build_base_components, story_identities, train_base
 
 TINY = dict(num_clips=24, height=32, width=32, num_frames=9, vae_steps=12, vae_batch_size=4, vae_window=5,
             steps=40, batch_size=8, layers=1, heads=2, head_dim=24, ffn_dim=48, text_dim=32, warmup_steps=4,
@@ -132,7 +126,8 @@ def test_transformer_loss_falls_on_a_trivial_dataset():
 
 
 def test_continuing_from_a_base_keeps_its_vae_or_trains_only_its_decoder(tmp_path):
-    from research.small_world.train_base import _character_weight, load_base_components
+    from research.small_world.base_clips import character_weight
+    from research.small_world.train_base import load_base_components
 
     first = train_base(ToyBaseConfig(**{**TINY, "steps": 4}), tmp_path / "a", device="cpu")
     assert first["transformer"]["steps"] == 4
@@ -162,7 +157,7 @@ def test_continuing_from_a_base_keeps_its_vae_or_trains_only_its_decoder(tmp_pat
         load_base_components(tmp_path / "c")
     # The loss weight covers the darker pattern shade of a body, not the dark backgrounds.
     video = torch.tensor([[0.9, 0.1, 0.1], [0.45, 0.05, 0.05], [0.25, 0.2, 0.2], [0.2, 0.02, 0.02]])
-    weight = _character_weight(video.T.reshape(1, 3, 1, 1, 4) * 2 - 1, 1.0).flatten().tolist()
+    weight = character_weight(video.T.reshape(1, 3, 1, 1, 4) * 2 - 1, 1.0).flatten().tolist()
     assert weight == [2.0, 2.0, 1.0, 1.0]
 
 
@@ -186,7 +181,7 @@ def test_processes_share_start_weights_average_gradients_and_agree_on_the_clock(
     script = tmp_path / "sync.py"
     script.write_text(
         "import json, torch, torch.distributed as dist\n"
-        "from research.small_world.train_base import init_processes\n"
+        "from research.small_world.base_steps import init_processes\n"
         "processes, device = init_processes('cpu')\n"
         "r = processes.rank\n"
         "p, q = torch.nn.Parameter(torch.full((3,), r + 5.0)), torch.nn.Parameter(torch.zeros(2, 2))\n"
@@ -207,7 +202,8 @@ def test_processes_share_start_weights_average_gradients_and_agree_on_the_clock(
 
 
 def test_a_data_parallel_continuation_trains_and_rank_0_saves(tmp_path):
-    from research.small_world.train_base import Processes, load_base_components
+    from research.small_world.base_steps import Processes
+    from research.small_world.train_base import load_base_components
 
     train_base(ToyBaseConfig(**{**TINY, "steps": 2}), tmp_path / "a", device="cpu")
     # The VAE trains in one process: a multi-process run that would train it is refused before any work.
@@ -228,7 +224,7 @@ def test_a_data_parallel_continuation_trains_and_rank_0_saves(tmp_path):
 
 def test_reference_frames_show_the_clip_character_elsewhere_and_referential_captions_name_nobody():
     from research.small_world.detector import IdentityDetector
-    from research.small_world.train_base import render_reference_frames
+    from research.small_world.base_clips import render_reference_frames
 
     frames, captions, identities, referential = render_training_clips(6, 9, 64, 64, seed=3, chunk=4)
     # The referential forms change nothing else: the clips of a seed are what they were.
@@ -258,7 +254,7 @@ def _recording(transformer, calls):
 
 
 def test_memory_steps_put_references_before_the_clip_and_referential_captions_replace_names():
-    from research.small_world.train_base import _prompt_embeddings, tokenize
+    from research.small_world.base_steps import prompt_embeddings, tokenize
 
     config = ToyBaseConfig(**{**TINY, "steps": 12, "batch_size": 2, "memory_prob": 0.5, "memory_frames": 3,
                               "referential_prob": 1.0, "i2v_prob": 0.0, "caption_dropout": 0.0,
@@ -281,7 +277,7 @@ def test_memory_steps_put_references_before_the_clip_and_referential_captions_re
     text = components["text_encoder"]
     ids, mask = tokenize(components["tokenizer"], referential[:1])
     used = int(mask.sum())
-    same = _prompt_embeddings(text, ids[:, :used], mask[:, :used])
+    same = prompt_embeddings(text, ids[:, :used], mask[:, :used])
     for length, embeds in calls:
         is_same = torch.allclose(embeds[:, :used], same.expand(2, -1, -1), atol=1e-5)
         assert is_same == (length > 3)
@@ -301,7 +297,7 @@ def test_memory_steps_put_references_before_the_clip_and_referential_captions_re
     _recording(components["transformer"], calls)
     train_transformer(components, latents, latents, torch.zeros(1, 16, 3, 8, 8), captions, config, "cpu",
                       log_every=0, referential_captions=referential, memory_latents=memory[:, :, :2])
-    same = _prompt_embeddings(components["text_encoder"], ids[:, :used], mask[:, :used])
+    same = prompt_embeddings(components["text_encoder"], ids[:, :used], mask[:, :used])
     kinds = set()
     for length, embeds in calls:
         named = not torch.allclose(embeds[:, :used], same.expand(2, -1, -1), atol=1e-5)

@@ -338,7 +338,7 @@ def test_base_check_cut_mode_judges_after_the_cut(models, tmp_path, monkeypatch)
 
 
 def test_latent_character_mask_marks_the_cells_a_character_is_in():
-    from research.small_world.train_base import latent_character_mask
+    from research.small_world.base_clips import latent_character_mask
 
     video = torch.zeros(1, 3, 9, 32, 32)  # mid grey: no character
     video[0, 0, 3, 8:12, 20:24] = 1.0  # a saturated red block in pixel frame 3 (latent frame 1), cells (2, 5)
@@ -457,12 +457,13 @@ def test_default_story_seed_is_the_recipes_held_out_set():
 
 
 def test_the_shipped_base_samples_with_its_own_scheduler_shift(tmp_path):
+    from research.small_world.experiment_plan import _base_shift
     from storymem.builtin import BASE_DIR, BUILTIN_SAMPLING
 
     shipped = json.loads((BASE_DIR / "scheduler" / "scheduler_config.json").read_text())["flow_shift"]
-    assert experiment._base_shift("toy") == shipped == BUILTIN_SAMPLING["shift"]
+    assert _base_shift("toy") == shipped == BUILTIN_SAMPLING["shift"]
     # A folder without a scheduler config falls back to the release's shift.
-    assert experiment._base_shift(str(tmp_path)) == 4.0
+    assert _base_shift(str(tmp_path)) == 4.0
     config = ExperimentConfig(base="toy", stories=tmp_path / "s", out=tmp_path / "o")
     assert (config.area, config.frames, config.steps) == (BUILTIN_SAMPLING["area"], BUILTIN_SAMPLING["frames"],
                                                            BUILTIN_SAMPLING["steps"])
