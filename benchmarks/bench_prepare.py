@@ -23,12 +23,15 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from storymem.toy.datasets import make_clip_dataset
-from storymem.training import PrepareConfig, prepare_dataset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: the small world's clips
+
+from research.small_world.datasets import make_clip_dataset  # noqa: E402
+from storymem.training import PrepareConfig, prepare_dataset  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,1 +1,0 @@
-"""The small world's research code (world, detector, datasets, base trainer, experiment)."""
