@@ -46,7 +46,7 @@ index), and every shot is judged by the toy world's ground-truth
   the two differ (a model that draws one character everywhere scores 1 on self-consistency but 0 here);
 * ``pixel all`` / ``pixel top-10`` - ST-Bench cross-shot consistency computed by
   :func:`storymem.evaluation.cross_shot_consistency` (what ``storymem eval`` reports) with a CLIP-free encoder,
-  :class:`~storymem.eval_models.PixelBagOfWordsEncoder` (pixel thumbnails for the shots, a bag of words over
+  :class:`~storymem.evaluation.PixelBagOfWordsEncoder` (pixel thumbnails for the shots, a bag of words over
   the toy vocabulary to pick the 10 most similar prompt pairs); mean over stories;
 * ``s/shot`` - mean wall seconds of the pipeline call per shot, as the renderer times it (model loading
   excluded, the first shot after loading included), on the device the table names.
@@ -342,7 +342,7 @@ def score_condition(plan: ExperimentPlan, condition: Condition, detector, encode
 def _write_contact_sheet(plan: ExperimentPlan, condition: Condition) -> Optional[Path]:
     """``OUT/contact_sheets/<condition>.png`` for the first story (the render's own sheet, or for the ground
     truth one drawn from its frames)."""
-    from storymem.report import SheetRow, write_contact_sheet
+    from storymem.render.report import SheetRow, write_contact_sheet
     from storymem.video import read_video
 
     case = plan.cases[0]
@@ -450,7 +450,7 @@ def _settings(plan: ExperimentPlan) -> dict:
 def run_experiment(config: ExperimentConfig, plan: Optional[ExperimentPlan] = None) -> dict:
     """Plan (unless given), render, score and write the results; returns the results dict."""
     from storymem.builtin.tiny import TOY_VOCABULARY
-    from storymem.eval_models import PixelBagOfWordsEncoder
+    from storymem.evaluation import PixelBagOfWordsEncoder
 
     from .detector import IdentityDetector
 

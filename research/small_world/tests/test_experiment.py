@@ -13,7 +13,7 @@ from research.small_world.detector import Detection, IdentityDetector
 from research.small_world.experiment import ExperimentConfig, ExperimentError, aggregate_scores, score_story
 from research.small_world.world import Character
 from storymem import render
-from storymem.eval_models import PixelBagOfWordsEncoder
+from storymem.evaluation import PixelBagOfWordsEncoder
 
 FAST = dict(area=32 * 32, frames=5, steps=1, device="cpu", progress=False, count=2)
 
