@@ -88,7 +88,8 @@ def build_page(studio):
                                      "shot; cut = a new shot, continue = it continues the previous one",
                                      datatype=["number", "str", "str", "str", "str"], type="array",
                                      column_count=(len(COLUMNS), "fixed"), static_columns=[4], interactive=True,
-                                     wrap=True, elem_id="sm-table")
+                                     wrap=True, column_widths=["8%", "12%", "42%", "26%", "12%"],
+                                     elem_id="sm-table")
                 with gr.Row():
                     add_shot = gr.Button("Add shot", elem_id="sm-add-shot")
                     drop_shot = gr.Button("Remove last shot")
@@ -308,7 +309,8 @@ def build_page(studio):
                 return say(str(err), True), gr.update(choices=[], value=None)
             choices = [(f"take {t['take']}" + (" (current)" if t["take"] == index.get("current") else ""), t["take"])
                        for t in index.get("takes", [])]
-            return (takes_html(root, studio.folder(run_name), stem, index),
+            edits_list = studio.run_state(run_name)["edits"]
+            return (takes_html(root, studio.folder(run_name), stem, index, edits_list),
                     gr.update(choices=choices, value=index.get("current")))
 
         take_shot.change(on_take_shot, [run, take_shot], [takes_view, take], show_progress="hidden")

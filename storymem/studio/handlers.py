@@ -149,6 +149,9 @@ class Studio:
                 raise StudioError(f"run {run!r} was rendered as {old.get('story_name')!r} with its overview; a new "
                                   "title or overview needs a new run")
             changed = _first_changed_shot(old, story)
+            if len(story) < len(manifest.get("shots", [])):
+                raise StudioError(f"the story now has {len(story)} shots but run {run!r} has rendered "
+                                  f"{len(manifest['shots'])}; render the shorter story into a new run folder")
             if changed is not None:
                 from_shot = changed + 1
         story.path = folder / STORY_FILE

@@ -218,9 +218,10 @@ def edits_html(edits: Sequence[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- takes
-def takes_html(root: Path, folder: Path, stem: str, index: dict) -> str:
+def takes_html(root: Path, folder: Path, stem: str, index: dict, edits: Sequence[dict] = ()) -> str:
     from .takes import take_folder
 
+    drawn_from = {e.get("bank_after", {}).get("sha256"): e["id"] for e in edits if e.get("shot") == stem}
     takes = index.get("takes", [])
     if not takes:
         return f'<div id="sm-takes">Shot {_e(stem)} has no takes yet.</div>'
@@ -231,6 +232,10 @@ def takes_html(root: Path, folder: Path, stem: str, index: dict) -> str:
         video = (f'<video src="{file_url(root, source)}" controls loop muted playsinline></video>'
                  if source.is_file() else "<div>files replaced outside the studio</div>")
         tags = '<span class="sm-tag current">current</span>' if current else ""
+        if take.get("basis") in drawn_from:
+            tags += f'<span class="sm-tag">memory edit #{drawn_from[take["basis"]]}</span>'
+        if take.get("lost"):
+            tags += '<span class="sm-tag stale">lost</span>'
         cards.append(f'<div class="sm-take" data-take="{take["take"]}">{video}<div><b>take {take["take"]}</b> {tags}'
                      f'</div><div class="sm-group">seed {_e(take.get("seed"))} &middot; {_e(take.get("mode"))} '
                      f'&middot; {_e(take.get("registered", ""))}</div></div>')
