@@ -46,7 +46,7 @@ def server(tmp_path_factory):
     process = subprocess.Popen([sys.executable, "-m", "storymem.studio", "--workspace", str(workspace), "--port",
                                 str(port), *FLAGS], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while True:
         try:
             urllib.request.urlopen(url, timeout=2)
@@ -57,7 +57,7 @@ def server(tmp_path_factory):
                 log.close()
                 pytest.fail("the studio did not start:\n" + (workspace.parent / "studio.log").read_text())
             time.sleep(0.5)
-    yield url, workspace
+    yield url, workspace, workspace.parent / "studio.log"
     process.terminate()
     try:
         process.wait(30)
@@ -83,20 +83,21 @@ def browser():
 class Page:
     """The studio page as a person uses it: tabs, table cells, buttons, radios, checkboxes."""
 
-    def __init__(self, driver):
+    def __init__(self, driver, log: Path):
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import WebDriverWait
 
-        self.d, self.By, self.Wait = driver, By, WebDriverWait
+        self.d, self.By, self.Wait, self.log = driver, By, WebDriverWait, log
 
-    def wait(self, condition, timeout=30, what="condition"):
+    def wait(self, condition, timeout=60, what="condition"):
         try:
             return self.Wait(self.d, timeout, 0.3).until(lambda d: condition())
         except Exception:
             if os.environ.get("STORYMEM_STUDIO_DEBUG"):
                 self.d.save_screenshot(os.environ["STORYMEM_STUDIO_DEBUG"])
+            server = "\n".join(self.log.read_text().splitlines()[-20:])
             raise AssertionError(f"timed out waiting for {what}; message: {self.text('sm-message')!r}; progress: "
-                                 f"{self.text('sm-progress')!r}") from None
+                                 f"{self.text('sm-progress')!r}; the server's log ends:\n{server}") from None
 
     def find(self, css):
         return self.d.find_elements(self.By.CSS_SELECTOR, css)
@@ -153,8 +154,8 @@ class Page:
 
 
 def test_write_render_edit_memory_and_rerender_in_the_browser(server, browser):
-    url, workspace = server
-    page = Page(browser)
+    url, workspace, log = server
+    page = Page(browser, log)
     browser.get(url)
     page.wait(lambda: page.find("#sm-add-shot"), 60, "the page")
 
@@ -179,7 +180,8 @@ def test_write_render_edit_memory_and_rerender_in_the_browser(server, browser):
     # Render it.
     page.tab("Render")
     page.click("sm-render")
-    page.wait(lambda: page.state() == "finished", 180, "the render")
+    page.wait(lambda: page.state() in ("finished", "failed"), 300, "the render")
+    assert page.state() == "finished", page.text("sm-progress")
     page.wait(lambda: len(page.find("#sm-shots video")) == 3, what="three shot videos")
 
     # Remove one keyframe from the memory shot 3 is drawn from, and re-render shot 3.
@@ -193,8 +195,10 @@ def test_write_render_edit_memory_and_rerender_in_the_browser(server, browser):
     page.click("sm-rerender")
     page.wait(lambda: "from shot 3" in page.text("sm-message"), what="the re-render to start")
     page.tab("Render")
-    page.wait(lambda: page.find('#sm-shots [data-stem="02_01"] [data-takes="2"]') and page.state() == "finished",
-              180, "the re-render")
+    page.wait(lambda: page.state() == "failed" or (
+        page.find('#sm-shots [data-stem="02_01"] [data-takes="2"]') and page.state() == "finished"), 300,
+        "the re-render")
+    assert page.state() == "finished", page.text("sm-progress")
 
     # The page shows both takes of shot 3.
     page.tab("Takes")
@@ -220,8 +224,8 @@ def test_uploads_reach_the_studio_only_when_valid(server, browser, tmp_path):
     import numpy as np
     from PIL import Image
 
-    url, workspace = server
-    page = Page(browser)
+    url, workspace, log = server
+    page = Page(browser, log)
     browser.get(url)
     page.wait(lambda: page.find("#sm-add-shot"), 60, "the page")
     story = tmp_path / "uploaded tale.json"

@@ -64,7 +64,9 @@ def test_render_lands_shots_scores_takes_and_stays_a_render_folder(studio):
     assert state["stale"] == set()
     keyframes = [k["frame"] for k in manifest["shots"][0]["keyframes"]]
     assert keyframes and sorted(state["scores"]["01_01"]) == keyframes
-    assert all(s["aesthetic"] == 10.0 for s in state["scores"]["01_01"].values())  # the tiny model's NullScorer
+    assert all(s["aesthetic"] is None for s in state["scores"]["01_01"].values())  # no aesthetic model here
+    recorded = json.loads((folder / "studio" / "scores" / "01_01.json").read_text())
+    assert recorded["scorer"] == "NullScorer" and recorded["keyframes"][0]["aesthetic"] == 10.0
     # The CLI resumes the studio's folder: everything is finished, nothing is rendered again.
     from storymem.render import main
 
@@ -73,6 +75,27 @@ def test_render_lands_shots_scores_takes_and_stays_a_render_folder(studio):
                  *FLAGS]) == 0
     assert [s["finished"] for s in manifest_of(studio, "base")["shots"]] == before
     assert "--story" in studio.cli_command("base") and "--steps 1" in studio.cli_command("base")
+
+
+def test_the_studio_opens_what_the_cli_rendered(studio, tmp_path):
+    from storymem.render import main
+    from storymem.studio.stories import check_rows, save_story
+
+    story, _ = check_rows("Three shots", "", ROWS)
+    save_story(tmp_path / "tale.json", story)
+    folder = studio.workspace.root / "runs" / "from-cli"
+    assert main(["--story", str(tmp_path / "tale.json"), "--out", str(folder), "--device", "cpu", "--no-progress",
+                 *FLAGS]) == 0
+    assert "from-cli" in studio.workspace.runs()
+    opened = studio.open_run("from-cli")
+    assert [row[:3] for row in opened.rows] == [[1, "cut", "a red circle"], [1, "continue", "the circle moves"],
+                                                [2, "cut", "a blue square"]]
+    state = studio.run_state("from-cli")
+    assert [index["current"] for index in state["takes"].values()] == [1, 1, 1] and state["scores"] == {}
+    assert studio.memory("from-cli", 3)
+    studio.start_render("from-cli", opened, seed=4, from_shot=3)
+    finish(studio)
+    assert studio.takes("from-cli", "02_01")["current"] == 2 and (folder / "story.json").is_file()
 
 
 def test_memory_edit_remove_pin_add_then_rerender(studio, run, tmp_path):
@@ -143,6 +166,7 @@ def test_takes_pick_and_the_story_follows(studio, run):
     second = (folder / "shots" / "02_01.mp4").read_bytes()
     assert second != first and (folder / "takes" / "02_01" / "take-1" / "shot.mp4").read_bytes() == first
     assert studio.takes(run, "02_01")["current"] == 2
+    assert studio.cli_command(run).endswith("--seed 5")  # the terminal resumes with the run's own seed
 
     studio.pick_take(run, "02_01", 1)
     manifest = manifest_of(studio, run)

@@ -200,8 +200,11 @@ class Studio:
                 record = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
-            if [k["frame"] for k in record.get("keyframes", [])] == [k["frame"] for k in entry.get("keyframes", [])]:
-                scores[entry["stem"]] = {k["frame"]: k for k in record["keyframes"]}
+            if [k["frame"] for k in record.get("keyframes", [])] != [k["frame"] for k in entry.get("keyframes", [])]:
+                continue  # another take's record
+            if record.get("scorer") == "NullScorer":  # no aesthetic model: its constant says nothing
+                record["keyframes"] = [dict(k, aesthetic=None) for k in record["keyframes"]]
+            scores[entry["stem"]] = {k["frame"]: k for k in record["keyframes"]}
         return {"folder": folder, "manifest": manifest, "takes": index, "stale": stale, "scores": scores,
                 "edits": memory_edit.list_edits(folder)}
 
@@ -250,10 +253,12 @@ class Studio:
                 raise StudioError(str(err)) from None
         return f"shot {stem} now uses take {take}; the story video and contact sheet follow it"
 
-    def cli_command(self, run: str, seed: Optional[int] = None) -> str:
-        """The `storymem render` line that resumes this run from a terminal."""
+    def cli_command(self, run: str) -> str:
+        """The `storymem render` line that resumes this run from a terminal (with the seed it was rendered with)."""
         folder = self.folder(run)
-        extra = [] if seed is None or int(seed) == self.options.render.seed else ["--seed", str(int(seed))]
+        manifest = read_manifest(folder) or {}
+        seed = manifest.get("settings", {}).get("seed", self.options.render.seed)
+        extra = [] if seed == self.options.render.seed else ["--seed", str(seed)]
         args = " ".join(_quote(a) for a in self.options.render_args + extra)
         return (f"storymem render --story {_quote(str(folder / STORY_FILE))} --out {_quote(str(folder))}"
                 + (f" {args}" if args else ""))

@@ -25,7 +25,8 @@ PAGE_CSS = """
 .sm-shots { display: flex; flex-direction: column; gap: 10px; }
 .sm-shot { display: flex; gap: 14px; border: 1px solid var(--border-color-primary); border-radius: 8px;
            padding: 10px; }
-.sm-shot video { width: 240px; min-width: 240px; background: #000; border-radius: 4px; image-rendering: pixelated; }
+.sm-shot video { width: 240px; min-width: 240px; align-self: flex-start; background: #000; border-radius: 4px;
+                 image-rendering: pixelated; }
 .sm-shot .sm-wait { width: 240px; min-width: 240px; height: 135px; display: flex; align-items: center;
                     justify-content: center; background: var(--background-fill-secondary); border-radius: 4px; }
 .sm-meta { flex: 1; min-width: 0; } .sm-meta h4 { margin: 0 0 4px; }
@@ -176,8 +177,11 @@ def shots_html(root: Path, state: dict, status: Optional[dict] = None) -> str:
 
             parts.append(f'<div class="sm-group">memory it saw ({len(entry.get("memory", []))})'
                          f'{_thumbs(root, folder, entry.get("memory", []), "mem", _memory_caption)}</div>')
-            parts.append(f'<div class="sm-group">keyframes it gave ({len(entry.get("keyframes", []))}; a: '
-                         'aesthetic score, s: closest similarity to the memory)'
+            legend = [text for key, text in (("aesthetic", "a: aesthetic score"),
+                                             ("memory_similarity", "s: closest similarity to the memory"))
+                      if any(v.get(key) is not None for v in scores.values())]
+            count = len(entry.get("keyframes", []))
+            parts.append(f'<div class="sm-group">keyframes it gave ({"; ".join([str(count), *legend])})'
                          f'{_thumbs(root, folder, entry.get("keyframes", []), "key", key_caption)}</div>')
         parts.append("</div></div>")
     parts.append("</div>")
