@@ -210,6 +210,8 @@ def test_studio_takes_render_flags_and_defaults_to_the_bundled_model():
     assert "--workspace" not in options.render_args and "--frames" in options.render_args
     with pytest.raises(RenderError, match="--story: the studio sets this in the page"):
         parse_args(["--story", "x.json"])
+    with pytest.raises(RenderError, match="--parallel: the studio renders in one process"):
+        parse_args(["--parallel", "ulysses"])
     with pytest.raises(SystemExit):
         parse_args(["--frames", "many"])
 
@@ -272,3 +274,24 @@ def test_file_route_serves_only_the_workspace(tmp_path):
         response = client.get(bad)
         assert response.status_code == 404 and "CONTENT-OUTSIDE" not in response.text
     assert client.get("/").status_code == 200
+
+
+def test_shot_cards_escape_text_and_link_only_workspace_files(tmp_path):
+    from storymem.studio.views import progress_html, shots_html
+
+    root = tmp_path / "ws"
+    folder = root / "runs" / "r"
+    (folder / "shots").mkdir(parents=True)
+    (folder / "shots" / "01_01.mp4").write_bytes(b"x")
+    story = Story.from_prompts(["<script>alert(1)</script>", "two"])
+    entry = {"stem": "01_01", "mode": "m2v", "seed": 0, "file": "shots/01_01.mp4", "keyframes": [],
+             "memory": [{"kind": "keyframe", "shot_stem": "00_00", "frame": 1, "file": "../../../../etc/passwd"}]}
+    manifest = {"story": story.to_dict(), "shots": [entry], "num_shots": 2}
+    page = shots_html(root, {"folder": folder, "manifest": manifest, "takes": {"01_01": {"current": 1, "takes": [
+        {"take": 1}]}}, "stale": {"01_01"}, "scores": {}, "edits": []})
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "/studio/file/runs/r/shots/01_01.mp4?v=" in page and "passwd" not in page
+    assert 'data-stem="01_02" data-finished="0"' in page and "re-render from here" in page
+    status = {"state": "rendering", "run": "r", "shot": 1, "stem": "01_02", "step": 3, "steps": 8, "done": 1,
+              "total": 2, "phase": "denoising"}
+    assert "step 3 of 8" in progress_html(status) and 'data-state="rendering"' in progress_html(status)

@@ -85,9 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 exposes the page to "
                                                            "your network: it has no login)")
     group.add_argument("--port", type=int, default=7860, help="port to serve on (0: any free port)")
-    for action in parser._actions:  # the page sets these
-        if action.dest in _PAGE_FLAGS:
+    for action in parser._actions:
+        if action.dest in _PAGE_FLAGS:  # the page sets these
             action.help = argparse.SUPPRESS
+        elif action.dest == "base":
+            action.help = ("Wan2.2-I2V diffusers folder or hub id, or a built-in model: 'toy' (the small world's "
+                           "trained model) or 'tiny' (random weights); default: 'toy' with its adapter, on the CPU")
+        elif action.dest == "parallel":
+            action.help = argparse.SUPPRESS  # context parallelism needs torchrun: `storymem render` only
     return parser
 
 
@@ -102,6 +107,9 @@ def parse_args(argv: Sequence[str]) -> StudioOptions:
     for dest, flag in _PAGE_FLAGS.items():
         if getattr(args, dest, None) != defaults.get(dest):
             raise RenderError(f"{flag}: the studio sets this in the page; drop it")
+    if getattr(args, "parallel", "none") != "none":
+        raise RenderError("--parallel: the studio renders in one process; use `torchrun ... storymem render "
+                          "--parallel` for context parallelism")
     _, options_from_args = _render_cli()
     builtin = args.base in (None, *BUILTIN_BASES)
     # The bundled model renders like `storymem demo` (built-in base, its adapter, the CPU); a real base like
@@ -250,6 +258,7 @@ class RenderRunner:
         self.owner = owner
         self._state: dict = {"state": "idle", "run": None}
         self._mutex = threading.Lock()
+        self._starting = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._job: Optional[_Job] = None
@@ -287,9 +296,18 @@ class RenderRunner:
         default: resume after the finished shots). ``before(folder, start)`` runs once the render is accepted
         and before it writes (the lock is held); ``after(folder)`` when it ends, still under the lock.
         Raises StudioBusy, FolderLockError, or the render's own input errors (nothing is written then)."""
+        if not self._starting.acquire(blocking=False):
+            raise StudioBusy("another render is being started; try again in a moment")
+        try:
+            return self._start(run, Path(folder), story, options, from_shot, before, after)
+        finally:
+            self._starting.release()
+
+    def _start(self, run, folder: Path, story, options, from_shot, before, after) -> dict:
         if self.busy:
             current = self._state.get("run")
             raise StudioBusy(f"a render of {current!r} is running; stop it before starting another")
+        created = not folder.exists()
         lock = FolderLock(folder, owner=self.owner, purpose=f"rendering {run}")
         lock.acquire()
         try:
@@ -300,12 +318,15 @@ class RenderRunner:
                 before(folder, start)
         except BaseException:
             lock.release()
+            if created and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()  # refused before anything was written: leave no empty run behind
             raise
         self._stop.clear()
         self._job = _Job(run, folder, story, plan, options, start, lock, after)
-        self._state = {"state": "loading", "run": run, "shot": None, "step": 0, "steps": options.steps,
-                       "phase": "loading the model", "message": "", "started": time.time(), "ended": None,
-                       "from": start}
+        with self._mutex:
+            self._state = {"state": "loading", "run": run, "shot": None, "step": 0, "steps": options.steps,
+                           "phase": "loading the model", "message": "", "started": time.time(), "ended": None,
+                           "from": start}
         self._thread = threading.Thread(target=self._work, args=(self._job,), name=f"storymem-render-{run}",
                                         daemon=True)
         self._thread.start()
@@ -386,30 +407,31 @@ class RenderRunner:
         from ..memory import MemoryBankError
         from ..story import StoryError
 
+        outcome = {"state": "finished", "message": ""}
         try:
             pipe = self._pipeline(job.options)
             if self._stop.is_set():
                 raise RenderStopped()
             self._set(state="rendering", phase="starting")
             StoryRenderer(job.plan, pipe=SteppedPipeline(pipe, self._on_call, self._on_step)).run()
-            self._set(state="finished", phase="", message="")
         except RenderStopped:
-            self._set(state="stopped", phase="", message="stopped; finished shots are kept - start again to resume")
+            outcome = {"state": "stopped", "message": "stopped; the finished shots are kept: start again to resume"}
         except (RenderError, StoryError, MemoryBankError, FolderLockError, ValueError, OSError) as err:
-            self._set(state="failed", phase="", message=str(err))
+            outcome = {"state": "failed", "message": str(err)}
         except Exception as err:  # shown on the page; the traceback goes to the server's log
             traceback.print_exc()
-            self._set(state="failed", phase="", message=f"{type(err).__name__}: {err}")
+            outcome = {"state": "failed", "message": f"{type(err).__name__}: {err}"}
         finally:
+            # The end state is published only once the folder's records are complete and the lock is free.
             try:
                 if job.after is not None:
                     job.after(job.folder)
             except Exception as err:
                 traceback.print_exc()
-                self._set(message=f"{self._state.get('message', '')} (after the render: {err})".strip())
+                outcome["message"] = f"{outcome['message']} (after the render: {err})".strip()
             finally:
-                self._set(ended=time.time())
                 job.lock.release()
+                self._set(**outcome, phase="", ended=time.time())
 
 
 def _round(value) -> Optional[float]:

@@ -57,7 +57,10 @@ def _e(value) -> str:
 def file_url(workspace_root: Path, path: Path) -> str:
     """URL of a workspace file, versioned by its modification time so a new take is not read from cache."""
     path = Path(path)
-    relative = path.resolve().relative_to(workspace_root).as_posix()
+    try:
+        relative = path.resolve().relative_to(workspace_root).as_posix()
+    except ValueError:  # a manifest naming a file outside the workspace: the page shows nothing for it
+        return ""
     try:
         version = path.stat().st_mtime_ns
     except OSError:
@@ -107,8 +110,10 @@ def _thumbs(root: Path, folder: Path, records: Sequence[dict], css: str, caption
     for record in records:
         if not record.get("file"):
             continue
-        path = folder / record["file"]
-        items.append(f'<div class="sm-thumb {css}"><img src="{file_url(root, path)}" alt="" loading="lazy">'
+        url = file_url(root, folder / record["file"])
+        if not url:
+            continue
+        items.append(f'<div class="sm-thumb {css}"><img src="{url}" alt="" loading="lazy">'
                      f"<span>{_e(caption(record))}</span></div>")
     return f'<div class="sm-thumbs">{"".join(items)}</div>' if items else '<div class="sm-thumbs">none</div>'
 
