@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 from PIL import Image
 
 from storymem.locking import LOCK_NAME, FolderLock, FolderLockError, read_lock_holder
-from storymem.studio.stories import StoryDraft, check_rows, draft_from_json_text, issues_column, rows_from_story
+from storymem.studio.stories import check_rows, draft_from_json_text, issues_column, rows_from_story
 from storymem.studio.workspace import (Workspace, WorkspaceError, check_image_upload, check_story_upload, safe_name,
                                        slug)
 from storymem.story import Story
@@ -295,3 +294,14 @@ def test_shot_cards_escape_text_and_link_only_workspace_files(tmp_path):
     status = {"state": "rendering", "run": "r", "shot": 1, "stem": "01_02", "step": 3, "steps": 8, "done": 1,
               "total": 2, "phase": "denoising"}
     assert "step 3 of 8" in progress_html(status) and 'data-state="rendering"' in progress_html(status)
+
+
+def test_studio_without_gradio_says_how_to_install_it(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    from storymem.studio import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert main(["--workspace", str(tmp_path / "ws")]) == 2
+    assert 'pip install "storymem[studio]"' in capsys.readouterr().err

@@ -208,9 +208,12 @@ def test_stop_keeps_finished_shots_and_resume_continues(studio, monkeypatch):
     assert not (folder / LOCK_NAME).exists() and (folder / "story.mp4").is_file()
     assert len(manifest_of(studio, "stopped")["shots"]) == 1
     monkeypatch.setattr(runner, "_on_call", original)
-    assert "resuming" in studio.start_render("stopped", draft())
+    rows = [list(r) for r in ROWS]
+    rows[2][2] = "a yellow square"  # a shot not rendered yet changes: the render simply resumes with it
+    assert "from shot 2" in studio.start_render("stopped", draft(rows))
     finish(studio)
-    assert len(manifest_of(studio, "stopped")["shots"]) == 3
+    manifest = manifest_of(studio, "stopped")
+    assert len(manifest["shots"]) == 3 and manifest["shots"][2]["prompt"] == "a yellow square"
     assert studio.takes("stopped", "01_01")["current"] == 1 and len(studio.takes("stopped", "01_01")["takes"]) == 1
 
 

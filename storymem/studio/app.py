@@ -12,6 +12,7 @@ from there), **Takes** (every version of a shot; pick the one the story continue
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -416,12 +417,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (RenderError, WorkspaceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        print('error: storymem studio needs Gradio: pip install "storymem[studio]"', file=sys.stderr)
+        return 2
     # Uploads land inside the workspace, and the page never phones home.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     try:
         workspace_root = Path(options.workspace).expanduser()
         workspace_root.mkdir(parents=True, exist_ok=True)
         upload_dir = workspace_root.resolve() / ".studio" / "uploads"
+        # Uploads of earlier sessions were copied where they belong once checked (stories/, edits/): drop them.
+        shutil.rmtree(upload_dir, ignore_errors=True)
         upload_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         print(f"error: --workspace {options.workspace}: {err}", file=sys.stderr)

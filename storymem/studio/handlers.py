@@ -9,6 +9,7 @@ Names from the page (runs, story files, frames, takes) are checked here; errors 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -152,8 +153,8 @@ class Studio:
             if len(story) < len(manifest.get("shots", [])):
                 raise StudioError(f"the story now has {len(story)} shots but run {run!r} has rendered "
                                   f"{len(manifest['shots'])}; render the shorter story into a new run folder")
-            if changed is not None:
-                from_shot = changed + 1
+            if changed is not None:  # re-render from there (or resume, when it is not rendered yet)
+                from_shot = min(changed, len(manifest.get("shots", []))) + 1
         story.path = folder / STORY_FILE
         changes = {} if seed is None else {"seed": int(seed)}
         template = self.options.render
@@ -165,8 +166,6 @@ class Studio:
         def after(folder: Path) -> None:
             index = takes.sync(folder)
             memory_edit.sync_manifest_edits(folder, index)
-
-        import dataclasses
 
         try:
             self.runner.start(run, folder, story, dataclasses.replace(template, **changes), from_shot=from_shot,
