@@ -137,6 +137,15 @@ def test_memory_edit_remove_pin_add_then_rerender(studio, run, tmp_path):
     assert state["takes"]["02_01"]["current"] == 2 and state["stale"] == set()
     assert state["edits"][0]["in_effect"]
 
+    # A second edit drops the uploaded image: references/ref_00.png now holds the pinned frame, and shot 3, which
+    # saw the upload there, keeps pointing at the upload's pixels under a new name.
+    hero_item = next(i for i in studio.memory(run, 3) if np.array_equal(i.frame, hero))
+    studio.edit_memory(run, 3, remove=[hero_item.key])
+    assert np.array_equal(np.asarray(Image.open(folder / "references" / "ref_00.png")), pinned.frame)
+    seen = manifest_of(studio, run)["shots"][2]["memory"][0]["file"]
+    assert seen.startswith("references/ref_00-") and np.array_equal(np.asarray(Image.open(folder / seen)), hero)
+    assert [e["in_effect"] for e in studio.run_state(run)["edits"]] == [False, True]
+
 
 def test_memory_edit_refusals(studio, run):
     items = studio.memory(run, 3)

@@ -31,8 +31,8 @@ import numpy as np
 
 from ..atomic import atomic_write_bytes, atomic_write_json
 from ..memory import MemoryBank, MemoryBankError
-from .runner import STUDIO_DIR, read_manifest, write_manifest
-from .takes import bank_hash
+from .runner import STUDIO_DIR, bank_folder, read_manifest, reference_file, write_manifest
+from .takes import bank_hash, file_hash
 
 __all__ = ["MemoryEditError", "BankItem", "bank_items", "apply_edit", "list_edits", "sync_manifest_edits",
            "frame_key"]
@@ -92,7 +92,7 @@ def _bank_folder(folder: Path, manifest: dict, shot: int) -> tuple[Path, str]:
     if shot > finished:
         raise MemoryEditError(f"shot {shot + 1}: shot {shot} is not rendered yet, so there is no memory after it")
     stem = stems[shot - 1]
-    return Path(folder) / "memory" / f"after_{stem}", stem
+    return bank_folder(folder, stem), stem
 
 
 def bank_items(folder: Path, shot: int, manifest: Optional[dict] = None) -> tuple[MemoryBank, list[BankItem]]:
@@ -180,15 +180,16 @@ def _write_reference_files(folder: Path, manifest: dict, references: list[np.nda
     """references/ref_NN.png = the bank's NN-th reference image; a replaced file is kept (renamed) for the
     manifest entries that point at it."""
     for i, frame in enumerate(references):
-        path = folder / "references" / f"ref_{i:02d}.png"
+        name = reference_file(i)
+        path = folder / name
         if path.is_file():
             old = _read_rgb(path)
             if old is not None and old.shape == frame.shape and np.array_equal(old, frame):
                 continue
             _, digest = frame_key(i, old if old is not None else frame)
-            keep = path.with_name(f"ref_{i:02d}-{digest[:8]}.png")
+            keep = path.with_name(f"{path.stem}-{digest[:8]}{path.suffix}")
             os.replace(path, keep)
-            name, new_name = f"references/{path.name}", f"references/{keep.name}"
+            new_name = str(Path(name).with_name(keep.name).as_posix())
             for shot in manifest.get("shots", []):
                 for record in shot.get("memory", []):
                     if record.get("file") == name:
@@ -271,8 +272,8 @@ def list_edits(folder: Path) -> list[dict]:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        stem = Path(record.get("bank", "")).name.removeprefix("after_")
-        record["in_effect"] = bank_hash(folder, stem) == record.get("bank_after", {}).get("sha256")
+        saved = Path(folder) / record.get("bank", "") / "memory_bank.json"
+        record["in_effect"] = saved.is_file() and file_hash(saved) == record.get("bank_after", {}).get("sha256")
         edits.append(record)
     return edits
 

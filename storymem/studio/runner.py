@@ -33,7 +33,8 @@ from ..render import MANIFEST_NAME, RenderError, RenderOptions, StoryRenderer, b
     load_render_pipeline, prepare
 
 __all__ = ["RenderRunner", "RenderStopped", "StudioBusy", "SteppedPipeline", "StudioOptions", "build_parser",
-           "parse_args", "read_manifest", "refresh_outputs", "scores_path", "STUDIO_DIR"]
+           "parse_args", "read_manifest", "write_manifest", "refresh_outputs", "scores_path", "bank_folder",
+           "shot_parts", "reference_file", "STUDIO_DIR"]
 
 STUDIO_DIR = "studio"  # the studio's own records inside a render folder
 # Flags of `storymem render` that the page decides instead (the story, the folder, where to start).
@@ -184,6 +185,25 @@ def refresh_outputs(folder: Path, manifest: Optional[dict] = None) -> None:
 
 def scores_path(folder: Path, stem: str) -> Path:
     return Path(folder) / STUDIO_DIR / "scores" / f"{stem}.json"
+
+
+# The render folder's layout, as the renderer writes it.
+def bank_folder(folder: Path, stem: str) -> Path:
+    """The memory bank the renderer saved after shot ``stem`` (what ``--from-shot`` of the next one restores)."""
+    return Path(folder) / "memory" / f"after_{stem}"
+
+
+def shot_parts(folder: Path, entry: dict) -> dict[str, Path]:
+    """The files of a finished shot (its manifest ``entry``): video, keyframes, samples, the bank after it."""
+    folder, stem = Path(folder), entry["stem"]
+    return {"video": folder / entry["file"], "keyframes": folder / "keyframes" / stem,
+            "samples": folder / "samples" / stem,
+            "memory": folder / entry["memory_state"] if entry.get("memory_state") else bank_folder(folder, stem)}
+
+
+def reference_file(position: int) -> str:
+    """Where the renderer's manifest says reference image ``position`` of the bank is (``references/ref_NN.png``)."""
+    return f"references/ref_{position:02d}.png"
 
 
 # ---------------------------------------------------------------------------------------------- hooks

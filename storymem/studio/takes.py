@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..atomic import atomic_write_json
-from .runner import read_manifest, refresh_outputs, scores_path, write_manifest
+from .runner import bank_folder, read_manifest, refresh_outputs, scores_path, shot_parts, write_manifest
 
 __all__ = ["TakeError", "sync", "takes_of", "archive_from", "pick", "bank_hash", "basis_of", "is_stale",
            "take_folder"]
@@ -67,7 +67,7 @@ def file_hash(path: Path) -> Optional[str]:
 
 def bank_hash(folder: Path, stem: str) -> Optional[str]:
     """Content hash of the memory bank saved after shot ``stem`` (its manifest names every frame by hash)."""
-    return file_hash(Path(folder) / "memory" / f"after_{stem}" / BANK_MANIFEST)
+    return file_hash(bank_folder(folder, stem) / BANK_MANIFEST)
 
 
 def _stems(manifest: dict) -> list[str]:
@@ -191,18 +191,17 @@ def _archive(folder: Path, entry: dict, index: dict) -> None:
     if current is None or current.get("archived"):
         return
     stem = entry["stem"]
-    parts = {"shot.mp4": folder / entry["file"], "keyframes": folder / "keyframes" / stem,
-             "samples": folder / "samples" / stem, "memory": folder / str(entry.get("memory_state") or "")}
-    if file_hash(parts["shot.mp4"]) != current["video_sha256"]:
+    parts = shot_parts(folder, entry)
+    if file_hash(parts["video"]) != current["video_sha256"]:
         current["lost"] = True
         return
     target = take_folder(folder, stem, current["take"])
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
-        shutil.copyfile(parts["shot.mp4"], tmp / "shot.mp4")
+        shutil.copyfile(parts["video"], tmp / "shot.mp4")
         for name in ("keyframes", "samples", "memory"):
-            if parts[name].is_dir() and parts[name] != folder:
+            if parts[name].is_dir():
                 shutil.copytree(parts[name], tmp / name)
         # The memory frames it saw live in other shots' folders, which later takes replace: keep copies.
         saw = json.loads(json.dumps(entry))
@@ -269,11 +268,11 @@ def pick(folder: Path, stem: str, take: int) -> dict:
         if not chosen.get("archived") or not (source / "entry.json").is_file():
             raise TakeError(f"take {take} of shot {stem} was replaced outside the studio and cannot be restored")
         entry = json.loads((source / "entry.json").read_text(encoding="utf-8"))
-        _copy_file(source / "shot.mp4", folder / entry["file"])
-        for name, target in (("keyframes", folder / "keyframes" / stem), ("samples", folder / "samples" / stem),
-                             ("memory", folder / str(entry.get("memory_state") or f"memory/after_{stem}"))):
+        parts = shot_parts(folder, entry)
+        _copy_file(source / "shot.mp4", parts["video"])
+        for name in ("keyframes", "samples", "memory"):
             if (source / name).is_dir():
-                _copy_folder(source / name, target)
+                _copy_folder(source / name, parts[name])
         if (source / "scores.json").is_file():
             _copy_file(source / "scores.json", scores_path(folder, stem))
         if position < len(shots):
