@@ -5,6 +5,7 @@
     storymem prepare ...               prepare a training dataset (clips -> clusters -> cached latents)
     storymem train ...                 train a StoryMem LoRA
     storymem eval RENDER_DIR ...       ST-Bench metrics of a render
+    storymem studio [...]              a web page to write, render and curate a story (the ``studio`` extra)
 
 Each command's module is imported only when it runs, so one command does not pay for another's imports.
 """
@@ -24,6 +25,7 @@ COMMANDS = {
     "prepare": ("storymem.training.cli", "main_prepare", "prepare a training dataset"),
     "train": ("storymem.training.cli", "main_train", "train a StoryMem LoRA"),
     "eval": ("storymem.evaluation.cli", "main", "ST-Bench metrics of a rendered story"),
+    "studio": ("storymem.studio", "main", "a web page to write a story, watch it render and curate its memory"),
 }
 
 USAGE = f"usage: storymem {{{','.join(COMMANDS)}}} [options]  (storymem COMMAND --help for a command's options)"
