@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
-__all__ = ["atomic_path", "atomic_folder", "atomic_write", "atomic_write_bytes", "atomic_write_text",
-           "atomic_write_json"]
+__all__ = ["atomic_path", "atomic_folder", "swap_in_folder", "atomic_write", "atomic_write_bytes",
+           "atomic_write_text", "atomic_write_json", "jsonable"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -48,6 +48,12 @@ def atomic_folder(path: PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    swap_in_folder(tmp, target)
+
+
+def swap_in_folder(tmp: PathLike, target: PathLike) -> None:
+    """Put the complete folder ``tmp`` in place of ``target`` (a sibling); an old ``target`` is removed after."""
+    tmp, target = Path(tmp), Path(target)
     old = None
     if target.exists():
         # Two renames, not rmtree then rename: a crash in between leaves the complete old folder aside.
@@ -84,7 +90,6 @@ def atomic_write_json(path: PathLike, obj: Any, indent: int = 2) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
-__all__ += ["jsonable"]
 
 
 def jsonable(obj: Any) -> Any:

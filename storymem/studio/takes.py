@@ -25,12 +25,11 @@ import os
 import shutil
 import tempfile
 import threading
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_json, swap_in_folder
 from .runner import bank_folder, read_manifest, refresh_outputs, scores_path, shot_parts, write_manifest
 
 __all__ = ["TakeError", "sync", "takes_of", "archive_from", "pick", "bank_hash", "basis_of", "is_stale",
@@ -157,20 +156,10 @@ def _copy_folder(source: Path, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
-        _swap_in(tmp, target)
+        swap_in_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _copy_file(source: Path, target: Path) -> None:
@@ -216,7 +205,7 @@ def _archive(folder: Path, entry: dict, index: dict) -> None:
         if scores.is_file():
             shutil.copyfile(scores, tmp / "scores.json")
         atomic_write_json(tmp / "entry.json", saw)
-        _swap_in(tmp, target)
+        swap_in_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
