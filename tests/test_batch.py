@@ -149,22 +149,17 @@ def test_one_process_skips_held_and_failing_stories_then_resumes(tmp_path, monke
         raise AssertionError("a model was loaded for a finished batch")
 
     monkeypatch.setattr(render_models, "load_render_pipeline", no_models)
-    assert main(["--story", *(str(folder / f"{n}.json") for n in "abc"), "--out", str(out), "--no-progress",
-                 *FAST]) == 0
-
-
-def test_story_rendered_with_other_settings_fails_by_name(tmp_path, capsys):
-    folder = _stories(tmp_path / "stories", broken=False)
-    out = tmp_path / "batch"
-    assert main(["--story", str(folder / "a.json"), "--out", str(out / "a"), "--no-progress", *FAST]) == 0
-    assert main(["--story", str(folder / "a.json"), str(folder / "c.json"), "--out", str(out), "--no-progress",
-                 *FAST, "--seed", "5"]) == 1
+    abc = [str(folder / f"{n}.json") for n in "abc"]
+    assert main(["--story", *abc, "--out", str(out), "--no-progress", *FAST]) == 0
+    # Other settings: every story's folder refuses them, by name, before any model loads.
+    capsys.readouterr()
+    assert main(["--story", *abc, "--out", str(out), "--no-progress", *FAST, "--seed", "5"]) == 1
     err = capsys.readouterr().err
     record = json.loads((out / "batch.json").read_text())
-    states = {s["name"]: s for s in record["stories"]}
-    assert states["a"]["status"] == "failed" and "was rendered with other settings" in states["a"]["error"]
-    assert "seed: 0 -> 5" in states["a"]["error"] and states["c"]["status"] == "finished"
-    assert "failed      a:" in err
+    assert [s["status"] for s in record["stories"]] == ["failed"] * 3
+    assert all("was rendered with other settings" in s["error"] and "seed: 0 -> 5" in s["error"]
+               for s in record["stories"])
+    assert "failed      a: " in err and "failed      c: " in err
 
 
 # ---------------------------------------------------------------------------------------------- two processes
@@ -286,3 +281,42 @@ def test_benchmark_over_the_batch(two_process_batch, tiny_clip, tmp_path, monkey
     assert table["produced_by"]["eval"]["settings"]["frames_per_shot"] == 2
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG" and (out / "a" / "metrics.json").is_file()
     assert "mean" in printed and "missing: broken" in printed
+
+
+GROUPS_ON_THE_CPU = """
+import sys
+from storymem.render import batch_world, parallel
+
+# Context parallelism needs CUDA GPUs; here each group of two processes renders its story on the CPU over gloo,
+# both computing every shot, so the groups' claims, sharing and leader-only writes run as they do on GPUs.
+batch_world.check_cp_degree = lambda parallel_, cp_degree, world, local_world: cp_degree
+parallel.enable_context_parallel = lambda pipe, *args, **kwargs: pipe
+from storymem.render.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_groups_of_processes_each_render_their_own_stories(tmp_path):
+    folder = _stories(tmp_path / "stories", broken=False)
+    out = tmp_path / "batch"
+    helper = tmp_path / "groups_on_the_cpu.py"
+    helper.write_text(GROUPS_ON_THE_CPU)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                             str(helper), "--story", str(folder / "a.json"), str(folder / "c.json"), "--out", str(out),
+                             "--no-progress", *FAST,
+                             "--parallel", "ulysses", "--cp-degree", "2"], cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    layout = BatchLayout(out)
+    events = layout.events()
+    # Only the groups' leaders (ranks 0 and 2) claim and write; each story once, each shot once.
+    assert {e["rank"] for e in events} <= {0, 2}
+    assert sorted(e["story"] for e in events if e["event"] == "claimed") == ["a", "c"]
+    assert {(e["rank"], e["group"]) for e in events} <= {(0, 0), (2, 1)}
+    counts = _shot_counts(layout)
+    assert len(counts) == 4 and set(counts.values()) == {1}
+    record = json.loads((out / "batch.json").read_text())
+    assert record["launch"] == dict(record["launch"], world_size=4, parallel="ulysses", cp_degree=2, groups=2)
+    assert [s["status"] for s in record["stories"]] == ["finished"] * 2
+    manifest = json.loads((out / "c" / "manifest.json").read_text())
+    assert manifest["runtime"]["world_size"] == 2 and manifest["runtime"]["parallel"] == "ulysses"

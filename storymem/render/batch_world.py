@@ -108,7 +108,7 @@ class BatchWorld:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            if parallel == "none":
+            if parallel == "none" or not self.device.startswith("cuda"):
                 dist.init_process_group(backend="gloo", timeout=_WAIT)
             else:
                 import torch
@@ -123,12 +123,13 @@ class BatchWorld:
     def _story_group(self, parallel: str) -> ProcessGroup:
         """Consecutive ranks in groups of ``cp_degree`` (under torchrun: GPUs of one machine), as a device mesh
         whose "ring"/"ulysses" dimension is the group, the layout diffusers' context parallelism reads."""
+        import torch
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
         degree = self.cp_degree
         shape = (self.groups, degree, 1) if parallel == "ring" else (self.groups, 1, degree)
-        mesh = init_device_mesh("cuda", shape, mesh_dim_names=("story", "ring", "ulysses"))
+        mesh = init_device_mesh(torch.device(self.device).type, shape, mesh_dim_names=("story", "ring", "ulysses"))
         handle = mesh.get_group(parallel)
         return ProcessGroup(rank=dist.get_rank(handle), world_size=degree, device=self.device, handle=handle,
                             leader=dist.get_global_rank(handle, 0), mesh=mesh)
