@@ -78,6 +78,18 @@ def test_story_files_and_broken_scripts(tmp_path):
         find_story_files([tmp_path / "empty"])
 
 
+# ST-Bench's scripts, read where they are (beside the checkout); the test skips without them.
+ST_BENCH = next((p for p in (ROOT.parent / "shared" / "st-bench", ROOT.parents[1] / "shared" / "st-bench")
+                 if p.is_dir()), None)
+
+
+@pytest.mark.skipif(ST_BENCH is None, reason="ST-Bench scripts not available")
+def test_st_bench_folder_is_one_batch():
+    stories = load_batch_stories(find_story_files([ST_BENCH]))
+    assert len(stories) == 30 and all(s.story is not None for s in stories)  # README.md is not a script
+    assert sum(s.num_shots for s in stories) == 300
+
+
 @pytest.mark.parametrize("extra, expected", [
     (["--from-shot", "2"], "--from-shot applies to one story"),
     (["--cp-degree", "2"], "--cp-degree 2: groups split shots with context parallelism"),

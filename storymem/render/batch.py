@@ -381,6 +381,7 @@ class BatchRun:
             plan = _prepare(bs, self.options, layout, self.selector, self.world.cp_degree)
         except _STORY_ERRORS as err:
             plan, error = None, str(err)
+        # Also the group's meeting point: every rank has read the folder before the leader writes to it.
         if not self.world.all_in_group(error is None):
             if leader:
                 self._fail(bs, error or "its folder could not be read on another process of the group")
@@ -398,8 +399,6 @@ class BatchRun:
             layout.log("claimed", story=bs.name, start=plan.start, **self._me())
             self.progress.story_started(bs, plan.start)
             self._log(f"{bs.name}: rendering shots {plan.start + 1}-{len(bs.story)} of {len(bs.story)}")
-        if self.world.group is not None:
-            self.world.group.barrier()  # every rank has read the folder; only now may the leader write
         t0 = time.perf_counter()
 
         def shot_done(shot):
