@@ -8,9 +8,9 @@ processes of a torchrun launch (:mod:`storymem.render.batch`)."""
 from __future__ import annotations
 
 import argparse
-import sys
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -163,3 +163,5 @@ def _main_batch(args: argparse.Namespace) -> int:
         if first:
             print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the stories' loop (which records what it was doing and returns 130)
+        return 130
