@@ -556,3 +556,130 @@ def test_cli_runs_viclip(tmp_path, capsys):
     assert report["encoders"]["video_text"].startswith("ViCLIP viclip.pth (8 frames, 28px)")
     assert evaluation.main([str(out), "--encoder", "viclip"]) == 2
     assert "needs --viclip-checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+SKY = Story.from_prompts(["a blue sky", "a white cloud in the blue sky", "a yellow sun in the blue sky"], name="sky",
+                         overview="blue sky, white cloud, yellow sun")
+SKY_VIDEOS = [["blue"], ["white", "blue"], ["yellow", "blue"]]
+NIGHT = Story.from_prompts(["a black night", "a white moon at night"], name="night")  # no overview
+NIGHT_VIDEOS = [["black"], ["white", "black"]]
+
+
+def render_batch_folder(tmp_path, record=True):
+    """A batch folder as `storymem render --story stories/` leaves it: one render folder per story, batch.json."""
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    for name, story, videos in (("fox", FOX, FOX_VIDEOS), ("night", NIGHT, NIGHT_VIDEOS), ("sky", SKY, SKY_VIDEOS)):
+        render(tmp_path / name, story, videos).rename(batch / name)
+    unfinished = render(tmp_path / "late", FOX, FOX_VIDEOS)
+    manifest = json.loads((unfinished / "manifest.json").read_text())
+    (unfinished / "manifest.json").write_text(json.dumps(dict(manifest, shots=manifest["shots"][:2])))
+    unfinished.rename(batch / "late")
+    if record:
+        stories = [{"name": n, "status": "finished"} for n in ("fox", "night", "sky")]
+        stories += [{"name": "late", "status": "incomplete"},
+                    {"name": "broken", "status": "invalid", "error": "broken.json: invalid JSON"}]
+        (batch / "batch.json").write_text(json.dumps({"format": "storymem-batch", "stories": stories,
+                                                      "settings": {"steps": 40, "lora": "m2v"},
+                                                      "seeds": {"seed": 0}, "versions": {}, "launch": {},
+                                                      "hardware": {"world_size": 8, "processes": [{}] * 8}}))
+    return batch
+
+
+def test_batch_benchmark_means_are_the_story_means(tmp_path, monkeypatch, capsys):
+    batch = render_batch_folder(tmp_path)
+    assert evaluation.is_batch_folder(batch) and not evaluation.is_batch_folder(batch / "fox")
+    built = []
+    monkeypatch.setattr(cli, "build_encoder", lambda options: built.append("encoder") or PaletteEncoder())
+    monkeypatch.setattr(cli, "build_aesthetic", lambda options, encoder: built.append("aesthetic") or BrightnessScorer())
+    assert evaluation.main([str(batch), "--frames", "4", "--quiet"]) == 0
+    assert built == ["encoder", "aesthetic"]  # loaded once for every story
+    table = json.loads((batch / "benchmark.json").read_text())
+    assert [row["name"] for row in table["stories"]] == ["fox", "night", "sky"]
+    assert [(m["name"], m["reason"].split(":")[0]) for m in table["missing"]] == [
+        ("late", f"{batch / 'late' / 'manifest.json'}"), ("broken", "broken story script")]
+    assert "3 of the story's 5 shots have no video" in table["missing"][0]["reason"]
+
+    # Each story scored on its own, then averaged here, gives the table's means.
+    per_story = {name: evaluate(collect_shots(batch / name), PaletteEncoder(), BrightnessScorer(),
+                                EvalConfig(frames_per_shot=4))["metrics"] for name in ("fox", "night", "sky")}
+    for key in evaluation.benchmark.METRIC_KEYS:
+        values = [m[key] for m in per_story.values() if m[key] is not None]
+        assert table["mean"][key] == pytest.approx(np.mean(values)), key
+        for row in table["stories"]:
+            expected = per_story[row["name"]][key]
+            assert row["metrics"][key] == (None if expected is None else pytest.approx(expected)), (row["name"], key)
+    # The night story has no overview: the global mean is over the two stories that have one, and says so.
+    assert table["stories_with_metric"]["prompt_following_global"] == 2
+    assert "prompt_following_global: the mean is over the 2 of 3 stories that have it" in table["notes"]
+    assert table["produced_by"]["render"]["settings"] == {"steps": 40, "lora": "m2v"}
+    assert "processes" not in table["produced_by"]["render"]["hardware"]
+    assert table["produced_by"]["eval"]["settings"]["frames_per_shot"] == 4
+    # Each story's own report sits in its folder; the chart beside the table.
+    assert json.loads((batch / "sky" / "metrics.json").read_text())["metrics"] == per_story["sky"]
+    assert (batch / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert any(line.split()[:2] == ["sky", "3"] for line in lines)
+    mean_line = next(line for line in lines if line.strip().startswith("mean"))
+    assert f"{table['mean']['cross_shot_consistency']:.4f}" in mean_line
+    assert "missing: late:" in printed and "missing: broken: broken story script" in printed
+
+
+def test_batch_folder_without_record_and_bad_inputs(tmp_path, monkeypatch, capsys):
+    batch = render_batch_folder(tmp_path, record=False)
+    monkeypatch.setattr(cli, "build_encoder", lambda options: PaletteEncoder())
+    monkeypatch.setattr(cli, "build_aesthetic", lambda options, encoder: None)
+    assert evaluation.main([str(batch), "--quiet", "--no-plot"]) == 0
+    table = json.loads((batch / "benchmark.json").read_text())
+    assert [row["name"] for row in table["stories"]] == ["fox", "night", "sky"]
+    assert table["produced_by"]["render"]["source"] == "fox/manifest.json"
+    assert table["mean"]["aesthetic_quality"] is None and not (batch / "benchmark.png").exists()
+    assert "no aesthetic model given (--aesthetic-head or --hpsv3): aesthetic quality is skipped" in table["notes"]
+    capsys.readouterr()
+
+    assert evaluation.main([str(batch), "--story", str(write_story(tmp_path, FOX))]) == 2
+    assert "--story applies to one render folder" in capsys.readouterr().err
+    for name in ("fox", "night", "sky"):
+        (batch / name / "shots" / "01_01.mp4").unlink()
+    assert evaluation.main([str(batch)]) == 2
+    assert "no story can be scored" in capsys.readouterr().err
+    assert evaluation.main([]) == 2
+    assert "give RENDER_DIR" in capsys.readouterr().err
+
+
+def test_compare_prints_two_tables_side_by_side(tmp_path, monkeypatch, capsys):
+    batch = render_batch_folder(tmp_path)
+    monkeypatch.setattr(cli, "build_encoder", lambda options: PaletteEncoder())
+    monkeypatch.setattr(cli, "build_aesthetic", lambda options, encoder: BrightnessScorer())
+    assert evaluation.main([str(batch), "--quiet", "--no-plot"]) == 0
+    a = json.loads((batch / "benchmark.json").read_text())
+    # Method B: other render settings, one story fewer, shifted figures, another encoder.
+    b = json.loads(json.dumps(a))
+    b["stories"] = [row for row in b["stories"] if row["name"] != "night"]
+    for row in b["stories"]:
+        row["metrics"]["cross_shot_consistency"] += 0.1
+    b["produced_by"]["render"]["settings"]["lora"] = "mm2v"
+    b["encoders"]["video_text"] = "another encoder"
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    capsys.readouterr()
+    assert evaluation.main(["--compare", str(batch), str(tmp_path / "b.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: the encoders differ" in printed
+    assert "warning: the tables scored different stories: the means below are over the 2 both have (only in A: " \
+           "night; only in B: -)" in printed
+    assert 'lora: "m2v" -> "mm2v"' in printed
+    common = [row for row in a["stories"] if row["name"] != "night"]
+    mean_a = np.mean([row["metrics"]["cross_shot_consistency"] for row in common])
+    line = next(l for l in printed.splitlines() if l.strip().startswith("Cross-shot consistency (all pairs)"))
+    assert line.split()[-3:] == [f"{mean_a:.4f}", f"{mean_a + 0.1:.4f}", "+0.1000"]
+    assert any(l.split()[0] == "sky" and "/" in l for l in printed.splitlines() if l.strip())
+    # One story's report compares too; a file that is neither is refused by name.
+    assert evaluation.main(["--compare", str(batch / "fox" / "metrics.json"), str(tmp_path / "b.json")]) == 0
+    assert evaluation.main(["--compare", str(batch / "fox" / "manifest.json"), str(tmp_path / "b.json")]) == 2
+    assert "manifest.json: not a storymem benchmark table" in capsys.readouterr().err
+    assert evaluation.main(["--compare", str(tmp_path / "b.json")]) == 2
+    assert "--compare takes two tables (A B), got 1" in capsys.readouterr().err

@@ -242,7 +242,9 @@ def test_bad_input_fails_before_any_model_loads(case, tmp_path, monkeypatch, cap
     out = tmp_path / "existing"
     out.mkdir()
     extra, expected = BAD[case]
-    args = ["--story", str(_story(tmp_path)), "--out", str(out), *FAST, *extra(tmp_path)]
+    extra = extra(tmp_path)
+    story = [] if "--story" in extra else ["--story", str(_story(tmp_path))]  # several --story: a batch
+    args = [*story, "--out", str(out), *FAST, *extra]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and expected in err, err

@@ -1,5 +1,8 @@
 """``storymem eval RENDER_DIR [...]``: ST-Bench metrics of a rendered story, printed as a table and written as
-JSON (atomically) with a shot x shot similarity chart beside it.
+JSON (atomically) with a shot x shot similarity chart beside it. Over a batch folder (``storymem render`` with
+several stories) it scores every story with the same models and writes the benchmark table
+(:mod:`~storymem.evaluation.benchmark`); ``--compare A B`` prints two such tables side by side
+(:mod:`~storymem.evaluation.compare`).
 
 The flags are generated from :class:`EvalOptions` (help text on its fields). Every input is checked before any
 model loads; a bad input ends with one line on stderr and exit code 2.
@@ -25,6 +28,7 @@ from .encoders import (
     ViCLIPEncoder,
     VideoTextEncoder,
 )
+from .benchmark import BENCHMARK_NAME, collect_batch, evaluate_batch, format_benchmark, is_batch_folder, write_benchmark
 from .metrics import EvalConfig, collect_shots, evaluate
 from .report import format_report, write_report
 
@@ -40,10 +44,14 @@ class EvalOptions:
     """What ``storymem eval`` computes and with which models."""
 
     out_dir: Path = option(Path("."), help="the render folder", cli=False)  # the positional RENDER_DIR
+    compare: list[Path] = option(
+        default_factory=list, metavar="TABLE",
+        help="print two benchmark tables side by side: --compare A B, each a benchmark.json, a batch folder "
+             "holding one, or one story's metrics.json (RENDER_DIR is then not given)")
     story: Optional[Path] = option(None, help="story script (required without manifest.json; overrides the "
                                               "manifest's)")
-    output: Optional[Path] = option(None, help="report JSON path (default RENDER_DIR/metrics.json); the chart goes "
-                                               "beside it")
+    output: Optional[Path] = option(None, help="report JSON path (default RENDER_DIR/metrics.json, or "
+                                               "BATCH/benchmark.json for a batch folder); the chart goes beside it")
     plot: bool = option(True, help="write the similarity chart")
     encoder: Optional[str] = option(None, choices=("openclip", "viclip"), group="encoder",
                                     help="video-text encoder (default: viclip when --viclip-checkpoint is given, "
@@ -82,6 +90,8 @@ class EvalOptions:
                 raise EvalError(f"{flag} {path}: file not found")
         if self.aesthetic_head and self.hpsv3:
             raise EvalError("give one aesthetic model: --aesthetic-head (LAION) or --hpsv3, not both")
+        if self.compare and len(self.compare) != 2:
+            raise EvalError(f"--compare takes two tables (A B), got {len(self.compare)}")
         if self.encoder == "viclip" and not self.viclip_checkpoint:
             raise EvalError("--encoder viclip needs --viclip-checkpoint PATH (ViClip-InternVid-10M-FLT.pth)")
 
@@ -94,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="ST-Bench metrics of a rendered story: cross-shot consistency, prompt following, aesthetics.",
     )
-    parser.add_argument("out_dir", metavar="RENDER_DIR",
+    parser.add_argument("out_dir", metavar="RENDER_DIR", nargs="?",
                         help="folder written by `storymem render` (shots/SS_NN.mp4, manifest.json), or any folder "
-                             "of SS_NN.mp4 shot videos together with --story")
+                             "of SS_NN.mp4 shot videos together with --story, or a batch folder (one sub-folder "
+                             "per story): then every story is scored and the benchmark table written")
     add_arguments(parser, EvalOptions, _TITLES)
     return parser
 
@@ -104,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_options(argv: Sequence[str]) -> EvalOptions:
     """The options of a command line (argparse exits on unknown flags; bad values raise :class:`EvalError`)."""
     args = build_parser().parse_args(list(argv))
-    return from_args(EvalOptions, args, out_dir=Path(args.out_dir))
+    if args.out_dir is None and not args.compare:
+        raise EvalError("give RENDER_DIR (a render or batch folder), or --compare A B")
+    if args.out_dir is not None and args.compare:
+        raise EvalError("--compare A B compares two tables already written; drop RENDER_DIR")
+    return from_args(EvalOptions, args, out_dir=Path(args.out_dir or "."))
 
 
 def _pretrained(value: Optional[str]) -> Optional[str]:
@@ -144,6 +159,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``storymem eval``; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
     try:
         options = parse_options(sys.argv[1:] if argv is None else argv)
+        if options.compare:
+            from .compare import format_comparison, load_table
+
+            print(format_comparison(load_table(options.compare[0]), load_table(options.compare[1])))
+            return 0
+        if is_batch_folder(options.out_dir):
+            return _main_batch(options)
         inputs = collect_shots(options.out_dir, options.story)  # all input checks, before any model loads
         encoder = build_encoder(options)
         aesthetic = build_aesthetic(options, encoder)
@@ -160,4 +182,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     print(format_report(report))
     print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _main_batch(options: EvalOptions) -> int:
+    """``storymem eval BATCH``: every story checked first, the models loaded once, each story's report written
+    into its folder, then the benchmark table (JSON, chart, printed)."""
+    if options.story:
+        raise EvalError("--story applies to one render folder; a batch folder's stories come from its "
+                        "batch.json and manifests")
+    inputs = collect_batch(options.out_dir)  # all input checks, before any model loads
+    encoder = build_encoder(options)
+    aesthetic = build_aesthetic(options, encoder)
+
+    def keep(name: str, report: dict) -> None:
+        try:
+            write_report(report, inputs.batch_dir / name / "metrics.json", plot=options.plot)
+        except ImportError:  # no matplotlib: the report without its chart
+            write_report(report, inputs.batch_dir / name / "metrics.json", plot=False)
+
+    table = evaluate_batch(inputs, encoder, aesthetic, options.config(), progress=not options.quiet,
+                           device=options.device, on_story=keep)
+    written, chart_notes = write_benchmark(table, options.output or inputs.batch_dir / BENCHMARK_NAME,
+                                           plot=options.plot)
+    print(format_benchmark(table))
+    for note in chart_notes:
+        print(f"note: {note}")
+    print("\nwrote " + ", ".join(str(p) for p in written) + f" and {len(table['stories'])} story reports "
+          "(<story>/metrics.json)")
     return 0

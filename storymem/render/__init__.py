@@ -29,6 +29,10 @@ Several stories with one loaded model (experiments)::
     for story, out in jobs:
         render_story(story, dataclasses.replace(options, out_dir=out), pipe=pipe, selector=selector)
 
+A whole benchmark (``storymem render --story stories/ --out BATCH``, under ``torchrun`` over many GPUs and
+nodes): :func:`render_batch` renders each story into ``BATCH/<file stem>/``, the processes sharing the stories
+(:mod:`~storymem.render.batch`).
+
 Every input is checked before any model loads and before the output folder is touched; a bad input is a
 :class:`RenderError` (exit code 2) naming the file, shot or flag at fault.
 
@@ -36,9 +40,11 @@ Modules: :mod:`~storymem.render.options` (the options and their validation), :mo
 (manifest schema, resume, :func:`prepare`), :mod:`~storymem.render.models` (loaders),
 :mod:`~storymem.render.parallel` (context parallelism), :mod:`~storymem.render.renderer` (the shot loop),
 :mod:`~storymem.render.outputs` and :mod:`~storymem.render.report` (the folder's files),
-:mod:`~storymem.render.cli` (``storymem render``).
+:mod:`~storymem.render.cli` (``storymem render``), :mod:`~storymem.render.batch` (several stories; with
+``batch_world`` for the processes of a launch and ``batch_progress`` for the bars).
 """
 
+from .batch import BATCH_RECORD, BatchStory, find_story_files, load_batch_stories, render_batch
 from .cli import main
 from .models import (
     adapter_disabled,
@@ -74,5 +80,10 @@ __all__ = [
     "MEMORY_SOURCES",
     "CONTINUATIONS",
     "FIRST_SHOTS",
+    "BATCH_RECORD",
+    "BatchStory",
+    "find_story_files",
+    "load_batch_stories",
+    "render_batch",
     "main",
 ]

@@ -35,14 +35,15 @@ def check_parallel(options) -> None:
 
 
 def enable_context_parallel(pipe, parallel: str = "ulysses", world_size: Optional[int] = None,
-                            attention_backend: Optional[str] = None):
+                            attention_backend: Optional[str] = None, mesh: Any = None):
     """Split each expert's token sequence over the GPUs of the process group (diffusers' ``_cp_plan``).
 
     Call after ``torch.distributed`` is initialised and the pipeline is on its GPU; every rank then runs the same
     pipeline call. StoryMemPipeline installed its memory rope as ``transformer.rope`` when it was built, so the
     plan's "rope" entry splits the memory rope's output along the sequence exactly like the stock one's.
     Ulysses works with diffusers' default SDPA backend; ring attention needs a backend that returns the
-    log-sum-exp, so it defaults to ``_native_cudnn``.
+    log-sum-exp, so it defaults to ``_native_cudnn``. ``mesh``: the device mesh of a group of the processes
+    (a batch's story group, with "ring" and "ulysses" dimensions); default: one over all of them.
     """
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
@@ -60,21 +61,28 @@ def enable_context_parallel(pipe, parallel: str = "ulysses", world_size: Optiona
         if backend:
             model.set_attention_backend(backend)
         if parallel == "ulysses":
-            config = ContextParallelConfig(ulysses_degree=world_size)
+            config = ContextParallelConfig(ulysses_degree=world_size, mesh=mesh)
         else:
-            config = ContextParallelConfig(ring_degree=world_size)
+            config = ContextParallelConfig(ring_degree=world_size, mesh=mesh)
         model.enable_parallelism(config=config)
     return pipe
 
 
 @dataclass
 class ProcessGroup:
-    """This process's place in the render: rank 0 of 1 without ``--parallel``."""
+    """This process's place in the render: rank 0 of 1 without ``--parallel``.
+
+    A batch renders each story with a group of the processes (``handle``: their torch.distributed group,
+    ``leader``: the global rank of the group's rank 0, ``mesh``: their device mesh); ``rank`` and
+    ``world_size`` are then within the group. Default: all processes."""
 
     rank: int = 0
     world_size: int = 1
     device: Optional[str] = None  # the rank's GPU (None: the options' device)
     owned: bool = False  # this render started the process group, so it ends it
+    handle: Any = None
+    leader: int = 0
+    mesh: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -105,7 +113,7 @@ class ProcessGroup:
         if self.world_size > 1:
             import torch.distributed as dist
 
-            dist.barrier()
+            dist.barrier(group=self.handle)
 
     def share(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank."""
@@ -114,7 +122,7 @@ class ProcessGroup:
         import torch.distributed as dist
 
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=self.leader, group=self.handle)
         return box[0]
 
     def close(self) -> None:
@@ -122,6 +130,6 @@ class ProcessGroup:
         if self.world_size > 1:
             import torch.distributed as dist
 
-            dist.barrier()
+            dist.barrier(group=self.handle)
             if self.owned:
                 dist.destroy_process_group()

@@ -34,9 +34,11 @@ class StoryRenderer:
             shared by several renders; then ``--base``/``--lora``/placement are the caller's business). The
             render sets its UniPC scheduler's shift to ``options.shift`` and passes ``options.memory_rope`` with
             each call, so one render's options do not leak into the next. Default: loaded from the options.
+        group: the processes that render this story together, already started (a batch's group, see
+            :mod:`~storymem.render.batch`); default: started from ``options.parallel`` when the render runs.
     """
 
-    def __init__(self, plan: RenderPlan, pipe=None):
+    def __init__(self, plan: RenderPlan, pipe=None, group: Optional[ProcessGroup] = None):
         from ..memory.retrieval import TextRelevance, story_take_texts
 
         self.plan = plan
@@ -46,6 +48,7 @@ class StoryRenderer:
         self.pipe = pipe
         self.adapter = None
         self.group = ProcessGroup()
+        self.given_group = group  # a batch's group of processes for this story (None: started in run())
         self.device = self.options.device
         self.manifest: dict = {}
         self.timings: dict = {}
@@ -247,7 +250,7 @@ class StoryRenderer:
                 outputs.write_story_outputs(self.out_dir, self.manifest)
             return self.manifest
 
-        self.group = ProcessGroup.start(o.parallel)
+        self.group = self.given_group or ProcessGroup.start(o.parallel)
         self.device = self.group.device or self.device
         bank = self._initial_bank()
         t2v_frames, shared = None, None
@@ -329,7 +332,8 @@ class StoryRenderer:
         self._log(f"loading {o.t2v_model} for the first shot")
         t2v = models.place_pipeline(models.load_t2v_pipeline(o), o, self.device)
         if o.parallel != "none":
-            enable_context_parallel(t2v, o.parallel, self.group.world_size, o.attention_backend)
+            enable_context_parallel(t2v, o.parallel, self.group.world_size, o.attention_backend,
+                                    mesh=self.group.mesh)
         self._progress_config(t2v)
         self.timings["load_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
