@@ -204,7 +204,8 @@ def test_studio_takes_render_flags_and_defaults_to_the_bundled_model():
     options = parse_args(["--base", "tiny", "--frames", "5", "--steps", "2", "--seed", "7", "--workspace", "w",
                           "--port", "0", "--max-memory", "4"])
     r = options.render
-    assert (r.base, r.lora, r.frames, r.steps, r.seed, r.max_memory, r.height) == ("tiny", None, 5, 2, 7, 4, 64)
+    assert (r.base, r.lora, r.frames, r.steps, r.seed, r.max_memory) == ("tiny", None, 5, 2, 7, 4)
+    assert r.resolved().height == 64  # the built-in model's size, decided when the options resolve
     assert options.workspace == Path("w") and options.port == 0
     assert "--workspace" not in options.render_args and "--frames" in options.render_args
     with pytest.raises(RenderError, match="--story: the studio sets this in the page"):

@@ -38,8 +38,8 @@ __all__ = ["RenderRunner", "RenderStopped", "StudioBusy", "SteppedPipeline", "St
 
 STUDIO_DIR = "studio"  # the studio's own records inside a render folder
 # Flags of `storymem render` that the page decides instead (the story, the folder, where to start).
-_PAGE_FLAGS = {"story": "--story", "out": "--out", "from_shot": "--from-shot", "force": "--force",
-               "demo": "--demo", "no_progress": "--no-progress"}
+_PAGE_FLAGS = {"story": "--story", "out_dir": "--out", "from_shot": "--from-shot", "force": "--force",
+               "demo": "--demo", "progress": "--no-progress", "cp_degree": "--cp-degree"}
 
 
 class RenderStopped(Exception):
@@ -53,10 +53,8 @@ class StudioBusy(RuntimeError):
 # ---------------------------------------------------------------------------------------------- options
 def _render_cli():
     """(build_parser, options_from_args) of the render command."""
-    try:  # render as a package
-        from ..render.cli import build_parser as render_parser, options_from_args
-    except ImportError:
-        from ..render import build_parser as render_parser, options_from_args
+    from ..render.cli import build_parser as render_parser, options_from_args
+
     return render_parser, options_from_args
 
 
@@ -119,7 +117,7 @@ def parse_args(argv: Sequence[str]) -> StudioOptions:
     if not builtin:
         from ..builtin import DEMO_STORY
 
-        args.story = str(DEMO_STORY)
+        args.story = [DEMO_STORY]
     _, options = options_from_args(args)
     studio = {"--workspace", "--host", "--port"}
     render_args, skip = [], False
@@ -167,20 +165,11 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 def refresh_outputs(folder: Path, manifest: Optional[dict] = None) -> None:
     """Rebuild the story video, contact sheet and index.html from the manifest's shots (no model needed)."""
-    try:
-        from ..render.outputs import write_report
-    except ImportError:
-        from ..report import write_report
-    from ..video import concat_videos
+    from ..render.outputs import write_story_outputs
 
-    folder = Path(folder)
-    manifest = manifest if manifest is not None else read_manifest(folder)
-    if manifest is None:
-        return
-    shots = manifest.get("shots", [])
-    if shots:
-        concat_videos([folder / s["file"] for s in shots], folder / "story.mp4")
-    write_report(folder, manifest)
+    manifest = manifest if manifest is not None else read_manifest(Path(folder))
+    if manifest is not None:
+        write_story_outputs(Path(folder), manifest)
 
 
 def scores_path(folder: Path, stem: str) -> Path:
@@ -333,7 +322,7 @@ class RenderRunner:
         try:
             options = run_options(options, folder, from_shot)
             plan = prepare(story, options, selector=self._selector(options))
-            start = int(getattr(plan, "start", 0 if from_shot is None else from_shot - 1))
+            start = plan.start
             if before is not None:
                 before(folder, start)
         except BaseException:
@@ -344,7 +333,7 @@ class RenderRunner:
         self._stop.clear()
         self._job = _Job(run, folder, story, plan, options, start, lock, after)
         with self._mutex:
-            self._state = {"state": "loading", "run": run, "shot": None, "step": 0, "steps": options.steps,
+            self._state = {"state": "loading", "run": run, "shot": None, "step": 0, "steps": plan.options.steps,
                            "phase": "loading the model", "message": "", "started": time.time(), "ended": None,
                            "from": start}
         self._thread = threading.Thread(target=self._work, args=(self._job,), name=f"storymem-render-{run}",
@@ -368,8 +357,9 @@ class RenderRunner:
 
     # ------------------------------------------------------------------ models
     def _pipeline(self, options: RenderOptions):
-        key = (options.base, options.lora, options.lora_scale, options.resolved_dtype(), options.resolved_device(),
-               options.offload, options.attention_backend)
+        resolved = options.resolved()
+        key = (resolved.base, resolved.lora, resolved.lora_scale, resolved.dtype, resolved.device,
+               resolved.offload, resolved.attention_backend)
         if key not in self._pipes:
             self._pipes.clear()  # one model in memory at a time
             self._pipes[key] = load_render_pipeline(options)
@@ -378,8 +368,9 @@ class RenderRunner:
     def _selector(self, options: RenderOptions):
         if options.memory_source != "keyframes":
             return None
-        key = (options.embedder, options.aesthetic, options.hpsv3_checkpoint, options.hpsv3_base,
-               options.keyframe_threshold, options.resolved_device())
+        resolved = options.resolved()
+        key = (resolved.embedder, resolved.aesthetic, resolved.hpsv3_checkpoint, resolved.hpsv3_base,
+               resolved.keyframe_threshold, resolved.device)
         if key not in self._selectors:
             self._selectors.clear()
             self._selectors[key] = build_selector(options)
