@@ -282,7 +282,7 @@ class RenderOptions:
         """The options that decide the pixels, as JSON values: what a resumed render must match. Every field
         is recorded (automatic ones as decided). The memory RoPE mode is recorded per shot, not here: it
         may come from the adapter, known only once it loads. The speed options that change the pixels are recorded
-        (preset, sampler, distill LoRAs by content, fusing); ``--compile`` and ``--low-vram`` are not."""
+        (preset, sampler, distill LoRAs by content, fusing, ``--low-vram``'s fp8 storage); ``--compile`` is not."""
         from .speed import speed_settings, t2v_sampling
 
         o = self.resolved()

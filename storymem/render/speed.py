@@ -159,21 +159,24 @@ def _distill_record(o: RenderOptions, stage: str) -> Optional[dict]:
 def speed_settings(options: RenderOptions) -> dict:
     """The speed settings that change the pixels, as the manifest records them (compared on resume): the
     preset and its sampler and boundary, each distill LoRA by its files' content with scale and skipped keys,
-    and whether the adapters are fused. Steps, guidance and shift are recorded with the other settings."""
+    whether the adapters are fused, and ``--low-vram``, whose fp8 weight storage and tiled VAE decoding change
+    the pixels a little (a story half rendered so would not say which half). Steps, guidance and shift are
+    recorded with the other settings; ``--compile`` is not (its kernels round like another attention backend)."""
     o = options
     return {"preset": o.preset, "sampler": o.sampler, "boundary_ratio": o.boundary_ratio,
             "distill_lora": _distill_record(o, "i2v"), "t2v_distill_lora": _distill_record(o, "t2v"),
-            "fuse": fuse_enabled(o)}
+            "fuse": fuse_enabled(o), "low_vram": o.low_vram}
 
 
 def fill_legacy_speed_settings(manifest: dict) -> dict:
     """A manifest written before the speed settings were recorded, given the values its render had: the release's
-    sampling (UniPC, the Wan2.2 expert boundaries), no distill LoRA, adapters unfused. Changed in place."""
+    sampling (UniPC, the Wan2.2 expert boundaries), no distill LoRA, adapters unfused, no fp8 storage. Changed in
+    place."""
     settings = manifest.get("settings")
     if not isinstance(settings, dict) or "preset" in settings:
         return manifest
     settings.update(preset="release", sampler="unipc", boundary_ratio=BOUNDARY_RATIO, distill_lora=None,
-                    t2v_distill_lora=None, fuse=False)
+                    t2v_distill_lora=None, fuse=False, low_vram=False)
     t2v = settings.get("t2v")
     if isinstance(t2v, dict):
         t2v.setdefault("steps", settings.get("steps"))
