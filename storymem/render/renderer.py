@@ -31,10 +31,9 @@ class StoryRenderer:
     Args:
         plan: from :func:`~storymem.render.prepare`.
         pipe: an already loaded :class:`~storymem.StoryMemPipeline` (e.g. from :func:`load_render_pipeline`,
-            shared by several renders; then ``--base`` and placement are the caller's business, and its adapter
-            settings must be the options'). The render gives it the preset's scheduler and expert boundary and
-            passes ``options.memory_rope`` with each call, so one render's options do not leak into the next.
-            Default: loaded from the options.
+            shared by several renders; ``--base``/placement are the caller's, its adapter settings the options'.
+            The render gives it the preset's scheduler and expert boundary, passes ``options.memory_rope`` with
+            each call, so one render's options do not leak into the next. Default: loaded from the options.
     """
 
     def __init__(self, plan: RenderPlan, pipe=None):

@@ -35,7 +35,8 @@ from .options import RenderError, RenderOptions
 
 __all__ = ["RenderSpeed", "STORYMEM_ADAPTER", "sampling_preset", "sampling_values", "t2v_sampling",
            "fuse_enabled", "check_speed", "prepare_speed", "speed_settings", "fill_legacy_speed_settings",
-           "setup_pipeline", "adapter_scales", "storymem_adapter_off", "check_given_pipeline", "release_t2v"]
+           "setup_pipeline", "pipeline_record", "adapter_scales", "storymem_adapter_off", "check_given_pipeline",
+           "release_t2v"]
 
 STORYMEM_ADAPTER = "storymem"
 # Per pipeline stage: the distill LoRA's flag, and the options' fields of its source and scale.
@@ -276,8 +277,9 @@ def adapter_scales(pipe, options: RenderOptions, stage: str = "i2v") -> dict[str
     return scales
 
 
-def _load_record(o: RenderOptions) -> dict:
-    """What :func:`setup_pipeline` built into an I2V pipeline (a pipeline handed to a render must match it)."""
+def pipeline_record(o: RenderOptions) -> dict:
+    """The adapter settings :func:`setup_pipeline` builds into an I2V pipeline (kept on it as ``storymem_speed``):
+    a pipeline handed to a render must have the render's; callers caching pipelines can key them by it."""
     return {"lora": o.lora, "lora_scale": o.lora_scale, "distill_lora": o.distill_lora,
             "distill_lora_scale": o.distill_lora_scale, "distill_lora_skip": sorted(o.distill_lora_skip),
             "fuse": fuse_enabled(o)}
@@ -349,7 +351,7 @@ def setup_pipeline(pipe, options: RenderOptions, speed: RenderSpeed, device, sta
     if o.compile:
         report["compiled"] = compile_experts(pipe)
     if stage == "i2v":
-        pipe.storymem_speed = _load_record(o)
+        pipe.storymem_speed = pipeline_record(o)
     return pipe
 
 
@@ -378,7 +380,7 @@ def check_given_pipeline(pipe, options: RenderOptions) -> None:
             raise RenderError("--distill-lora: the given pipeline has no distill LoRA; load it with "
                               "storymem.render.load_render_pipeline(options)")
         return
-    wanted = _load_record(options)
+    wanted = pipeline_record(options)
     diffs = [f"{k}: {json.dumps(record.get(k))} -> {json.dumps(v)}" for k, v in wanted.items() if record.get(k) != v]
     if diffs:
         raise RenderError("the given pipeline was loaded with other settings (" + "; ".join(diffs) + "); load one "
