@@ -28,8 +28,8 @@ from ..acceleration import (T2V_BOUNDARY_RATIO, CompileStats, LowVramConfig, Pro
                             check_speed_options, compile_experts, compile_stats, enable_low_vram,
                             encode_story_prompts, keyframe_models_on, release_models, resolve_preset)
 from ..defaults import BOUNDARY_RATIO, WAN_NEGATIVE_PROMPT
-from ..distill import (DISTILL_ADAPTER, EXPERTS, DistillLora, DistillLoraError, fuse_loras, load_distill_lora,
-                       prepare_distill_lora, read_expert_configs, resolve_distill_lora, set_lora_scales)
+from ..distill import (DISTILL_ADAPTER, EXPERTS, DistillLoraError, DistillLoraFiles, fuse_loras, load_distill_lora,
+                       read_expert_configs, resolve_distill_lora, set_lora_scales, validate_distill_lora)
 from .models import adapter_disabled, place_pipeline
 from .options import RenderError, RenderOptions
 
@@ -118,6 +118,7 @@ def check_speed(options: RenderOptions) -> list[str]:
 # ---------------------------------------------------------------------------------------------- distill files
 _CONFIGS: dict[str, dict] = {}
 _DIGESTS: dict[tuple, str] = {}
+_VALIDATED: set[tuple] = set()  # distill LoRA files (path, size, mtime) found fit for configs and skip list
 
 
 def _expert_configs(model: str, flag: str) -> dict:
@@ -141,6 +142,22 @@ def _digest(path: Path) -> str:
                 h.update(block)
         _DIGESTS[key] = h.hexdigest()
     return _DIGESTS[key]
+
+
+def _validate(files: DistillLoraFiles, configs: dict, skip, flag: str):
+    """The cleaned distill LoRA of ``files`` (every key checked); a RenderError naming flag, file and key."""
+    try:
+        lora = validate_distill_lora(files, configs, skip)
+    except DistillLoraError as err:
+        raise RenderError(f"{flag}: {err}") from None
+    _VALIDATED.add(_validation_key(files, configs, skip))
+    return lora
+
+
+def _validation_key(files: DistillLoraFiles, configs: dict, skip) -> tuple:
+    stats = tuple((e, str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns)
+                  for e, p in sorted(files.files.items()))
+    return stats, json.dumps(configs, sort_keys=True, default=str), tuple(sorted(skip))
 
 
 def _distill_record(o: RenderOptions, stage: str) -> Optional[dict]:
@@ -193,7 +210,9 @@ class RenderSpeed:
 
     preset: SamplingPreset
     fuse: bool
-    distill: dict[str, DistillLora]  # per stage ("i2v", "t2v"), validated; dropped once loaded
+    # Per stage ("i2v", "t2v"): the distill LoRA's files (validated) and its experts' configs. The tensors are
+    # read again when it loads, so plans (a batch prepares many) hold no gigabytes.
+    distill: dict[str, tuple[DistillLoraFiles, dict]]
     warnings: list[str] = field(default_factory=list)
     embeddings: dict[str, PromptEmbeddings] = field(default_factory=dict)  # --low-vram: prompt -> embeddings
     report: dict = field(default_factory=dict)  # per stage: what setup_pipeline did
@@ -252,9 +271,12 @@ def prepare_speed(options: RenderOptions) -> RenderSpeed:
         if source:
             configs = _expert_configs(o.base if stage == "i2v" else o.t2v_model, flag)
             try:
-                distill[stage] = prepare_distill_lora(source, configs, skip=o.distill_lora_skip)
+                files = resolve_distill_lora(source, tuple(configs))
             except DistillLoraError as err:
                 raise RenderError(f"{flag}: {err}") from None
+            if _validation_key(files, configs, o.distill_lora_skip) not in _VALIDATED:  # read once per version
+                _validate(files, configs, o.distill_lora_skip, flag)
+            distill[stage] = (files, configs)
     return RenderSpeed(preset=sampling_preset(o), fuse=fuse_enabled(o), distill=distill, warnings=notes)
 
 
@@ -322,8 +344,9 @@ def setup_pipeline(pipe, options: RenderOptions, speed: RenderSpeed, device, sta
 
     o, device = options, torch.device(device)
     report = speed.report.setdefault(stage, {})
-    lora = speed.distill.pop(stage, None)  # its tensors are in the model afterwards, not kept twice
-    if lora is not None:
+    if stage in speed.distill:
+        files, configs = speed.distill[stage]
+        lora = _validate(files, configs, o.distill_lora_skip, _DISTILL[stage][0])  # the tensors, checked again
         try:
             load_distill_lora(pipe, lora)
         except DistillLoraError as err:
