@@ -14,9 +14,9 @@ parsed flags back into the dataclass::
     options = from_args(PrepareOptions, parser.parse_args(argv))
 
 Flags are the field names with dashes (``num_frames`` -> ``--num-frames``). A ``bool`` field that defaults to
-False is a switch (``--force``); one that defaults to True gets ``--x / --no-x``. ``list[...]`` fields take one
-or more values. ``Optional[X]`` fields default to None, which the options class reads as "automatic" and says
-so in the help.
+False is a switch (``--force``); one that defaults to True, or to None (``Optional[bool]``: automatic), gets
+``--x / --no-x``. ``list[...]`` fields take one or more values. ``Optional[X]`` fields default to None, which
+the options class reads as "automatic" and says so in the help.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, titles: Optional[dict[st
         help_text = meta["help"]
         kwargs: dict[str, Any] = {"dest": f.name, "default": default}
         if kind is bool and not is_list:
-            kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+            # None: automatic unless told either way, so both flags are needed.
+            kwargs["action"] = argparse.BooleanOptionalAction if default or default is None else "store_true"
         else:
             kwargs["type"] = kind if kind in (int, float, Path) else str
             choices = meta.get("choices") or literal

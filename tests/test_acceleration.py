@@ -98,10 +98,12 @@ def test_prompts_without_guidance_skip_the_negative_prompt(tiny_pipe):
     assert set(embeddings[0].call_kwargs()) == {"prompt_embeds"}
 
 
-def test_compiled_experts_do_not_recompile_when_the_memory_count_changes(tiny_pipe, monkeypatch):
+def test_compiled_experts_do_not_recompile_when_the_memory_count_changes(tiny_pipe, request):
     from torch.fx.experimental import _config as fx_config
 
-    monkeypatch.setattr(fx_config, "use_duck_shape", fx_config.use_duck_shape)  # restored afterwards
+    # Restored afterwards (monkeypatch would delete it: torch's config module keeps it outside __dict__).
+    saved = fx_config.use_duck_shape
+    request.addfinalizer(lambda: setattr(fx_config, "use_duck_shape", saved))
     torch._dynamo.reset()
     kwargs = resolve_preset("release", steps=2, guidance=1.0, guidance_2=1.0).apply(tiny_pipe)
     embeddings = encode_story_prompts(tiny_pipe, ["a red circle walks"], guidance=False)[0].call_kwargs()

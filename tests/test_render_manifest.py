@@ -136,7 +136,7 @@ def test_adapter_metadata_is_read_before_loading(contiguous_render, tmp_path, mo
         adapter = tmp_path / mode  # metadata only: no weights are read to learn the mode
         adapter.mkdir()
         StoryMemLoraConfig(rank=4, alpha=4.0, memory_rope=mode).save(adapter / "storymem_adapter.json")
-        manifest["settings"]["lora"] = str(adapter)
+        manifest["settings"].update(lora=str(adapter), fuse=True)  # an adapter is fused by default
         (out / "manifest.json").write_text(json.dumps(manifest))
         story_obj, options = options_from_args(build_parser().parse_args(_args(story, out, "--lora", str(adapter))))
         if mode == "negative":

@@ -48,21 +48,27 @@ def load_pipeline(options: RenderOptions, shared: Optional[dict] = None):
     return pipe
 
 
-def load_render_pipeline(options: RenderOptions, shared: Optional[dict] = None, device: Optional[str] = None):
+def load_render_pipeline(options: RenderOptions, shared: Optional[dict] = None, device: Optional[str] = None,
+                         speed=None, prompts: Optional[list] = None):
     """The pipeline a render of ``options`` runs: :func:`load_pipeline`, the ``--lora`` adapter, the attention
-    backend, placed on ``device`` (default: the options') or offloaded there. Load it once and hand it to
-    several renders (``render_story(..., pipe=pipe)``); context parallelism is left to the renderer."""
+    backend, then the speed options (distill LoRA, adapter scales, preset, fusing, low-VRAM placement or
+    ``--offload``, compilation: :func:`storymem.render.speed.setup_pipeline`), on ``device`` (default: the
+    options'). Load it once and hand it to several renders (``render_story(..., pipe=pipe)``) with the same
+    adapter settings; context parallelism is left to the renderer. ``speed``: from
+    :func:`~storymem.render.speed.prepare_speed` (default: prepared here); ``prompts``: with ``--low-vram``, every
+    prompt it will render, encoded once before the text encoder is released (without them it stays, offloaded)."""
+    from .speed import prepare_speed, setup_pipeline
+
     options = options.resolved()
+    speed = speed if speed is not None else prepare_speed(options)
     pipe = load_pipeline(options, shared=shared)
     if options.lora:
         load_adapter(pipe, options.lora)
-        if options.lora_scale != 1.0:
-            set_adapter_scale(pipe, options.lora_scale)
     if options.attention_backend and options.parallel == "none":
         for model in (pipe.transformer, pipe.transformer_2):
             if model is not None:
                 model.set_attention_backend(options.attention_backend)
-    return place_pipeline(pipe, options, device or options.device)
+    return setup_pipeline(pipe, options, speed, device or options.device, "i2v", prompts)
 
 
 def load_t2v_pipeline(options: RenderOptions):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..acceleration import SpeedOptions
 from ..arguments import option
 from ..defaults import (
     AREA,
@@ -48,12 +49,28 @@ MEMORY_SOURCES = ("keyframes", "first-frame", "none")
 # How a cut:false shot continues the previous one; "none": it does not (it starts from text and memory).
 CONTINUATIONS = ("auto", "mi2v", "mm2v", "none")
 
-# Sampling defaults that depend on the base: the release's for Wan2.2 (negative prompt None = Wan's).
-_RELEASE_SAMPLING = dict(area=AREA, frames=FRAMES, steps=STEPS, shift=FLOW_SHIFT, embedder="ViT-B-32:openai",
-                         aesthetic="hpsv3", negative_prompt=None)
+# Defaults that depend on the base: the release's for Wan2.2 (negative prompt None = Wan's). Steps, guidance,
+# shift and sampler come from --preset (storymem.render.speed.sampling_preset).
+_RELEASE_SAMPLING = dict(area=AREA, frames=FRAMES, embedder="ViT-B-32:openai", aesthetic="hpsv3",
+                         negative_prompt=None)
 
 GROUP_TITLES = {"output": "output and resume", "models": "models", "first": "shot 1", "sampling": "sampling",
-                "memory": "memory"}
+                "memory": "memory", "speed": "speed and memory"}
+
+
+def _speed_option(name: str, **changes):
+    """The field ``name`` of :class:`storymem.acceleration.SpeedOptions` (its default, help and choices: one source
+    of truth) as a field of the render's options; ``changes`` replace some of it."""
+    field = SpeedOptions.__dataclass_fields__[name]
+    meta = field.metadata
+    kwargs = dict(help=meta["help"], group=meta["group"], choices=meta["choices"], metavar=meta["metavar"])
+    if field.default_factory is not dataclasses.MISSING:
+        kwargs["default_factory"] = field.default_factory
+    else:
+        kwargs["default"] = field.default
+    kwargs.update(changes)
+    default = kwargs.pop("default", dataclasses.MISSING)
+    return option(default, **kwargs)
 
 
 class RenderError(ValueError):
@@ -128,21 +145,32 @@ class RenderOptions:
                                    help=f"frames per shot, 4n+1 (default: {FRAMES}; built-in models 17)")
     fps: int = option(FPS, group="sampling", help="frame rate of the videos written")
     steps: Optional[int] = option(None, group="sampling",
-                                  help=f"denoising steps (default: {STEPS}; built-in models 8)")
-    guidance: float = option(GUIDANCE, group="sampling", help="classifier-free guidance (high-noise expert)")
+                                  help=f"denoising steps, of the T2V first shot too (default: the --preset's: "
+                                       f"{STEPS} release, 4 lightning; built-in models 8 with release)")
+    guidance: Optional[float] = option(None, group="sampling",
+                                       help=f"classifier-free guidance, high-noise expert (default: the --preset's: "
+                                            f"{GUIDANCE} release, 1 lightning)")
     guidance_2: Optional[float] = option(None, group="sampling",
-                                         help="guidance of the low-noise expert (default: --guidance)")
+                                         help="guidance of the low-noise expert (default: --guidance if given, "
+                                              "else the --preset's)")
     memory_guidance: float = option(
         1.0, group="sampling",
         help="guidance towards the memory frames (1 = off; above 1 one more model call per step)")
     shift: Optional[float] = option(None, group="sampling",
-                                    help=f"UniPC flow shift (default: {FLOW_SHIFT}; built-in models 3.0)")
+                                    help=f"flow shift of the sampler (default: the --preset's: {FLOW_SHIFT} release, "
+                                         f"5.0 lightning; built-in models 3.0 with release)")
     negative_prompt: Optional[str] = option(
         None, group="sampling",
         help="negative prompt (default: Wan's; built-in models: the empty prompt); pass '' for none")
-    t2v_shift: float = option(T2V_FLOW_SHIFT, group="sampling", help="flow shift of the T2V model")
-    t2v_guidance: float = option(T2V_GUIDANCE, group="sampling", help="T2V guidance, high-noise expert")
-    t2v_guidance_2: float = option(T2V_GUIDANCE_2, group="sampling", help="T2V guidance, low-noise expert")
+    t2v_shift: Optional[float] = option(None, group="sampling",
+                                        help=f"flow shift of the T2V model (default: the --preset's: "
+                                             f"{T2V_FLOW_SHIFT} release, 5.0 lightning)")
+    t2v_guidance: Optional[float] = option(None, group="sampling",
+                                           help=f"T2V guidance, high-noise expert (default: the --preset's: "
+                                                f"{T2V_GUIDANCE} release, 1 lightning)")
+    t2v_guidance_2: Optional[float] = option(None, group="sampling",
+                                             help=f"T2V guidance, low-noise expert (default: the --preset's: "
+                                                  f"{T2V_GUIDANCE_2} release, 1 lightning)")
     seed: int = option(0, group="sampling", help="base seed; a shot's seed is derived from it (see --seed-mode)")
     seed_mode: str = option(
         "global", group="sampling", choices=("global", "scene"),
@@ -188,6 +216,22 @@ class RenderOptions:
     keyframe_threshold: float = option(KEYFRAME_THRESHOLD, group="memory",
                                        help="initial CLIP similarity threshold of the keyframe rule")
 
+    # ------------------------------------------------------------------ speed and memory (storymem.render.speed)
+    preset: str = _speed_option("preset")
+    sampler: Optional[str] = _speed_option("sampler")
+    boundary_ratio: Optional[float] = _speed_option("boundary_ratio")
+    distill_lora: Optional[str] = _speed_option("distill_lora")
+    distill_lora_scale: float = _speed_option("distill_lora_scale")
+    distill_lora_skip: list[str] = _speed_option("distill_lora_skip")
+    t2v_distill_lora: Optional[str] = _speed_option("t2v_distill_lora")
+    t2v_distill_lora_scale: float = _speed_option("t2v_distill_lora_scale")
+    fuse: Optional[bool] = _speed_option(
+        "fuse", default=None,
+        help=SpeedOptions.__dataclass_fields__["fuse"].metadata["help"] + " (default: fused, except with "
+             "--first-shot base and an adapter, which is switched off for shot 1)")
+    compile: bool = _speed_option("compile")
+    low_vram: bool = _speed_option("low_vram")
+
     # ------------------------------------------------------------------ automatic fields
     @property
     def is_builtin(self) -> bool:
@@ -200,8 +244,10 @@ class RenderOptions:
         """A copy with every automatic field decided (idempotent): the base, the sampling defaults of the base
         (built-in models: ``BUILTIN_SAMPLING``, a 64x64 square unless a size or area is given), the device, the
         dtype, the low-noise guidance and the output folder. The size from a conditioning image's aspect ratio is
-        left to :func:`~storymem.render.prepare`, which reads the image."""
+        left to :func:`~storymem.render.prepare`, which reads the image. Steps, guidance, shift and sampler are
+        the ``--preset``'s unless given (:func:`~storymem.render.speed.sampling_values`)."""
         from ..builtin import BUILTIN_SAMPLING, is_builtin
+        from .speed import sampling_values
 
         base = self.base or WAN_I2V_BASE
         builtin = is_builtin(base)
@@ -211,8 +257,8 @@ class RenderOptions:
             changes.update(height=BUILTIN_SAMPLING["height"], width=BUILTIN_SAMPLING["width"])
         device = self._resolved_device()
         changes.update(base=base, device=device, dtype=self._resolved_dtype(device, builtin),
-                       guidance_2=self.guidance if self.guidance_2 is None else self.guidance_2,
                        out_dir=Path(self.out_dir) if self.out_dir is not None else Path("outputs") / "story")
+        changes.update(sampling_values(dataclasses.replace(self, base=base)))
         return dataclasses.replace(self, **changes)
 
     def _resolved_device(self) -> str:
@@ -235,7 +281,10 @@ class RenderOptions:
     def settings(self) -> dict:
         """The options that decide the pixels, as JSON values: what a resumed render must match. Every field
         is recorded (automatic ones as decided). The memory RoPE mode is recorded per shot, not here: it
-        may come from the adapter, known only once it loads."""
+        may come from the adapter, known only once it loads. The speed options that change the pixels are recorded
+        (preset, sampler, distill LoRAs by content, fusing, ``--low-vram``'s fp8 storage); ``--compile`` is not."""
+        from .speed import speed_settings, t2v_sampling
+
         o = self.resolved()
         return {
             "base": o.base,
@@ -257,7 +306,7 @@ class RenderOptions:
             "memory_guidance": o.memory_guidance,
             "negative_prompt": o.negative_prompt,
             "t2v": None if not o.t2v_model else {
-                "shift": o.t2v_shift, "guidance": o.t2v_guidance, "guidance_2": o.t2v_guidance_2},
+                "shift": o.t2v_shift, "guidance": o.t2v_guidance, "guidance_2": o.t2v_guidance_2, **t2v_sampling(o)},
             "seed": o.seed,
             "seed_mode": o.seed_mode,
             "max_memory": o.max_memory,
@@ -270,6 +319,7 @@ class RenderOptions:
             "aesthetic": o.aesthetic,
             "hpsv3_checkpoint": o.hpsv3_checkpoint if o.aesthetic == "hpsv3" else None,
             "keyframe_threshold": o.keyframe_threshold,
+            **speed_settings(o),
         }
 
     # ------------------------------------------------------------------ validation
@@ -280,13 +330,15 @@ class RenderOptions:
         self._check_sampling()
         self._check_memory()
         self._check_sources()
+        self._check_speed()
         self._check_placement()
 
     def _check_choices(self) -> None:
         for f in dataclasses.fields(self):
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                raise RenderError(f"{_flag(f.name)} {value!r}: must be one of {', '.join(choices)}")
+            for item in (value if isinstance(value, (list, tuple)) else [value]):
+                if choices and item is not None and item not in choices:
+                    raise RenderError(f"{_flag(f.name)} {item!r}: must be one of {', '.join(choices)}")
 
     def _check_sampling(self) -> None:
         o = self
@@ -362,6 +414,11 @@ class RenderOptions:
             raise RenderError(f"--lora-scale {o.lora_scale}: there is no --lora to scale")
         if o.is_builtin and o.t2v_model:
             raise RenderError("--t2v-model needs a real --base (the built-in models have no T2V counterpart)")
+
+    def _check_speed(self) -> None:
+        from .speed import check_speed
+
+        check_speed(self)
 
     def _check_placement(self) -> None:
         import torch

@@ -3,7 +3,9 @@ read, the output folder checked, and - when the folder holds a render - where it
 
 The folder's ``manifest.json`` (format ``storymem-render``, version 2) lists the settings that decide the pixels
 and the finished shots, each with the memory RoPE mode it was rendered with. A version-1 manifest (one RoPE mode
-recorded for the whole render) is migrated by :func:`migrate_manifest_v1`; any other version is refused.
+recorded for the whole render) is migrated by :func:`migrate_manifest_v1`; any other version is refused. A
+manifest written before the speed settings were recorded gets the values its render had
+(:func:`~storymem.render.speed.fill_legacy_speed_settings`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 
 from . import models
 from .options import RenderError, RenderOptions
+from .speed import fill_legacy_speed_settings, prepare_speed
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_FORMAT", "MANIFEST_VERSION", "RenderPlan", "prepare", "read_manifest",
            "migrate_manifest_v1", "new_manifest", "continued_manifest", "check_memory_rope", "now"]
@@ -46,6 +49,7 @@ class RenderPlan:
     # Continuing the recorded shots as they are (no --from-shot, no --force): the shots still to render must
     # use the memory RoPE mode the finished ones were rendered with.
     resuming: bool = False
+    speed: Any = None  # storymem.render.speed.RenderSpeed: the speed options prepared (default: when it runs)
 
     @property
     def manifest_path(self) -> Path:
@@ -81,7 +85,7 @@ def migrate_manifest_v1(manifest: dict) -> dict:
 
 def read_manifest(path) -> dict:
     """The render manifest at ``path`` as version 2 (a version-1 one migrated); a :class:`RenderError` naming the
-    file for an unreadable one, another format or another version."""
+    file for an unreadable one, another format or another version. Speed settings it lacks are filled in."""
     path = Path(path)
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -91,11 +95,11 @@ def read_manifest(path) -> dict:
         raise RenderError(f"{path}: not a storymem render manifest (no \"format\": \"{MANIFEST_FORMAT}\")")
     version = manifest.get("version")
     if type(version) is int and version == 1:
-        return migrate_manifest_v1(manifest)
-    if type(version) is not int or version != MANIFEST_VERSION:
+        manifest = migrate_manifest_v1(manifest)
+    elif type(version) is not int or version != MANIFEST_VERSION:
         raise RenderError(f"{path}: render manifest version {json.dumps(version)} is not supported; this storymem "
                           f"reads version {MANIFEST_VERSION} (and migrates version 1)")
-    return manifest
+    return fill_legacy_speed_settings(manifest)
 
 
 def now() -> str:
@@ -330,6 +334,7 @@ def prepare(story, options: RenderOptions, selector=None) -> RenderPlan:
         check_parallel(options)  # the token split needs the size
     if selector is None and options.memory_source == "keyframes":
         selector = models.build_selector(options)
+    speed = prepare_speed(options)  # distill LoRA files checked key by key, still before any model loads
 
     out_dir = Path(options.out_dir)
     previous = _check_output_dir(out_dir, options.force)
@@ -343,4 +348,4 @@ def prepare(story, options: RenderOptions, selector=None) -> RenderPlan:
         raise RenderError(f"--from-shot {options.from_shot}: {out_dir} holds no finished render to continue")
     return RenderPlan(story=story, options=options, start=start, previous=previous, bank=bank,
                       first_image=first_image, references=references, selector=selector,
-                      resuming=previous is not None and from_index is None and not options.force)
+                      resuming=previous is not None and from_index is None and not options.force, speed=speed)

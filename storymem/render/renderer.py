@@ -4,7 +4,6 @@ shots one by one with the memory bank, and lists each shot in the manifest once 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import sys
 import time
 import warnings
@@ -18,6 +17,7 @@ from . import models, outputs
 from .options import RenderError, RenderOptions, shot_seed
 from .parallel import ProcessGroup, enable_context_parallel
 from .plan import RenderPlan, check_memory_rope, continued_manifest, new_manifest, now, prepare
+from .speed import check_given_pipeline, prepare_speed, release_t2v, setup_pipeline, storymem_adapter_off
 
 __all__ = ["StoryRenderer", "render_story", "SHOT_MODES"]
 
@@ -31,8 +31,8 @@ class StoryRenderer:
     Args:
         plan: from :func:`~storymem.render.prepare`.
         pipe: an already loaded :class:`~storymem.StoryMemPipeline` (e.g. from :func:`load_render_pipeline`,
-            shared by several renders; then ``--base``/``--lora``/placement are the caller's business). The
-            render sets its UniPC scheduler's shift to ``options.shift`` and passes ``options.memory_rope`` with
+            shared by several renders; ``--base``/placement are the caller's, its adapter settings the options'.
+            The render gives it the preset's scheduler and expert boundary, passes ``options.memory_rope`` with
             each call, so one render's options do not leak into the next. Default: loaded from the options.
         group: the processes that render this story together, already started (a batch's group, see
             :mod:`~storymem.render.batch`); default: started from ``options.parallel`` when the render runs.
@@ -52,6 +52,8 @@ class StoryRenderer:
         self.device = self.options.device
         self.manifest: dict = {}
         self.timings: dict = {}
+        self.speed = plan.speed if plan.speed is not None else prepare_speed(self.options)
+        self.sampling: dict = {}  # steps and guidance of the I2V calls (the preset's)
         # Every keyframe keeps its take's text, so a bank saved now can be retrieved by prompt later.
         self.take_texts = story_take_texts(self.story)
         self.relevance = TextRelevance(self.take_texts)
@@ -76,16 +78,13 @@ class StoryRenderer:
         t0 = time.perf_counter()
         if self.pipe is None:
             self._log(f"loading {o.base}" + (f" + adapter {o.lora}" if o.lora else ""))
-            self.pipe = models.load_render_pipeline(o, shared=shared, device=self.device)
+            self.pipe = models.load_render_pipeline(o, shared=shared, device=self.device, speed=self.speed,
+                                                    prompts=self._prompts())
             if o.parallel != "none":
                 enable_context_parallel(self.pipe, o.parallel, self.group.world_size, o.attention_backend)
         else:
-            from diffusers import UniPCMultistepScheduler
-
-            # The shift is a render setting; another scheduler type is the caller's choice and stays.
-            scheduler = self.pipe.scheduler
-            if isinstance(scheduler, UniPCMultistepScheduler) and scheduler.config.flow_shift != o.shift:
-                self.pipe.scheduler = UniPCMultistepScheduler.from_config(scheduler.config, flow_shift=o.shift)
+            check_given_pipeline(self.pipe, o)
+        self.sampling = self.speed.preset.apply(self.pipe)  # scheduler, boundary: a render setting
         self.adapter = getattr(self.pipe, "storymem_adapter", None)
         self._progress_config(self.pipe)
         self.timings["load_s"] = self.timings.get("load_s", 0.0) + time.perf_counter() - t0
@@ -96,6 +95,10 @@ class StoryRenderer:
             # Known only now when the mode comes from an adapter without readable metadata; nothing is written yet.
             check_memory_rope(self.plan.manifest_path, self.plan.previous["shots"][:self.plan.start],
                               self.memory_rope)
+
+    def _prompts(self) -> list[str]:
+        """The prompts of the shots still to render (encoded up front with --low-vram)."""
+        return [shot.prompt for shot in self.story.shots[self.plan.start:]]
 
     @property
     def continuation_mode(self) -> str:
@@ -130,20 +133,17 @@ class StoryRenderer:
         o = self.options
         # An explicit empty negative prompt is a choice (the built-in models' unconditional prompt), not a default.
         negative = WAN_NEGATIVE_PROMPT if o.negative_prompt is None else o.negative_prompt
-        common = dict(prompt=shot.prompt, negative_prompt=negative, height=o.height, width=o.width,
-                      num_frames=o.frames, num_inference_steps=o.steps,
-                      generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
-        guidance = dict(guidance_scale=o.guidance, guidance_scale_2=o.guidance_2)
-        if mode != "t2v" and self.pipe.config.boundary_ratio is None:
-            guidance.pop("guidance_scale_2")  # one expert: the pipeline takes no second scale
+        # Steps and guidance are the preset's (one expert: no second guidance scale).
+        common = dict(**self.speed.prompt_kwargs(shot.prompt, negative), height=o.height, width=o.width,
+                      num_frames=o.frames, generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
         entries: list = []
         if mode == "t2v":
-            out = t2v(guidance_scale=o.t2v_guidance, guidance_scale_2=o.t2v_guidance_2, **common)
+            out = t2v(**common, **self.speed.preset.apply(t2v, "t2v"))
         elif mode == "base":
-            with models.adapter_disabled(self.pipe):
-                out = self.pipe(**common, **guidance)
+            with storymem_adapter_off(self.pipe, o):
+                out = self.pipe(**common, **self.sampling)
         else:
-            kwargs = dict(guidance)
+            kwargs = dict(self.sampling)
             if mode == "i2v":
                 from PIL import Image
 
@@ -185,7 +185,8 @@ class StoryRenderer:
         selection = None
         if self.is_main:
             selector = self.plan.selector
-            picked = selector.extract(frames, memory=bank.history_embeddings(selector.embedder))
+            with self.speed.keyframes_on(selector, self.options, self.device):
+                picked = selector.extract(frames, memory=bank.history_embeddings(selector.embedder))
             selection = (list(picked.indices), picked.embeddings)
         return self.group.share(selection)
 
@@ -217,6 +218,7 @@ class StoryRenderer:
             "continuation": self.continuation_mode, "memory_source": o.memory_source,
             "adapter": None if self.adapter is None else {
                 k: v for k, v in dataclasses.asdict(self.adapter).items() if k != "target_modules"},
+            "speed": self.speed.runtime_record(o, self.pipe),
         }
         manifest["timings"] = dict(manifest.get("timings", {}), load_s=round(self.timings.get("load_s", 0.0), 3))
         self.manifest = manifest
@@ -291,7 +293,8 @@ class StoryRenderer:
             t_generate = self.timings.get("t2v_generate_s", 0.0)
         else:
             position = {id(e): i for i, e in enumerate(bank.history())}
-            frames, entries = self._generate(shot, mode, bank, seed)
+            with self.speed.compile_clock("i2v", o):
+                frames, entries = self._generate(shot, mode, bank, seed)
             t_generate = time.perf_counter() - t0
             query = self.take_texts[shot.index] if o.memory_retrieval == "prompt" else None
             memory_used = [self._memory_record(e, position, query) for e in entries]
@@ -317,6 +320,7 @@ class StoryRenderer:
                         "write_s": round(t3 - t2, 3)},
             "finished": now(),
         }
+        self.manifest["timings"].update(self.speed.timings())
         # The manifest names the shot only now that all its files are complete.
         self.manifest["shots"].append(entry)
         outputs.write_manifest(self.out_dir, self.manifest)
@@ -325,12 +329,10 @@ class StoryRenderer:
     def _render_t2v_first_shot(self):
         """Shot 1 with Wan2.2-T2V-A14B; its experts are freed before the I2V experts load, and its text
         encoder, tokenizer and VAE (the same models as Wan2.2-I2V's) are handed on."""
-        import torch
-
         o = self.options
         t0 = time.perf_counter()
         self._log(f"loading {o.t2v_model} for the first shot")
-        t2v = models.place_pipeline(models.load_t2v_pipeline(o), o, self.device)
+        t2v = setup_pipeline(models.load_t2v_pipeline(o), o, self.speed, self.device, "t2v", self._prompts())
         if o.parallel != "none":
             enable_context_parallel(t2v, o.parallel, self.group.world_size, o.attention_backend,
                                     mesh=self.group.mesh)
@@ -338,14 +340,12 @@ class StoryRenderer:
         self.timings["load_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         shot = self.story[0]
-        frames, _ = self._generate(shot, "t2v", None, shot_seed(shot, o.seed, o.seed_mode), t2v=t2v)
+        with self.speed.compile_clock("t2v", o):
+            frames, _ = self._generate(shot, "t2v", None, shot_seed(shot, o.seed, o.seed_mode), t2v=t2v)
         self.timings["t2v_generate_s"] = time.perf_counter() - t1
         t2v.remove_all_hooks()  # offload hooks; the shared models are placed again with the I2V pipeline
         shared = {"text_encoder": t2v.text_encoder, "tokenizer": t2v.tokenizer, "vae": t2v.vae}
-        del t2v
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_t2v(t2v)  # its experts (and their low-VRAM hooks) go before the I2V experts load
         return frames, shared
 
 
