@@ -357,9 +357,12 @@ class RenderRunner:
 
     # ------------------------------------------------------------------ models
     def _pipeline(self, options: RenderOptions):
+        from ..render.speed import pipeline_record
+
         resolved = options.resolved()
-        key = (resolved.base, resolved.lora, resolved.lora_scale, resolved.dtype, resolved.device,
-               resolved.offload, resolved.attention_backend)
+        key = (resolved.base, resolved.dtype, resolved.device, resolved.offload, resolved.attention_backend,
+               resolved.preset, resolved.compile, resolved.low_vram,
+               json.dumps(pipeline_record(resolved), sort_keys=True, default=str))
         if key not in self._pipes:
             self._pipes.clear()  # one model in memory at a time
             self._pipes[key] = load_render_pipeline(options)
