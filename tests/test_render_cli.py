@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_no_command_prints_usage_and_exits_2(capsys):
     assert cli.main([]) == 2
     captured = capsys.readouterr()
-    assert captured.out == "" and captured.err.startswith("usage: storymem {render,demo,prepare,train,eval}")
+    assert captured.out == "" and captured.err.startswith("usage: storymem {render,demo,prepare,train,eval,studio}")
     assert cli.main(["paint"]) == 2
     assert "unknown command 'paint'" in capsys.readouterr().err
 
@@ -29,7 +29,7 @@ def test_no_command_prints_usage_and_exits_2(capsys):
 def test_help_lists_the_commands(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert all(f"  {name}" in out for name in ("render", "demo", "prepare", "train", "eval"))
+    assert all(f"  {name}" in out for name in ("render", "demo", "prepare", "train", "eval", "studio"))
 
 
 def test_python_m_storymem_is_the_same_command():
