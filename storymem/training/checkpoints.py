@@ -220,7 +220,11 @@ def _rotate(output_dir: Path, keep: Path, total_limit: Optional[int]):
         return
     complete = [c for c in list_checkpoints(output_dir) if is_complete_checkpoint(c) and c != keep]
     for old in complete[:max(0, len(complete) + 1 - total_limit)]:
-        shutil.rmtree(old)
+        # Renamed first: a kill while deleting leaves a .old folder (cleared by the next save), not a checkpoint-N
+        # that lost part of its files.
+        doomed = old.with_name(old.name + ".old")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed)
 
 
 def save_checkpoint(accelerator, model, adapter_config: StoryMemLoraConfig, component: str, output_dir: Path,
@@ -258,15 +262,20 @@ def earlier_run(output_dir: Path) -> list[str]:
 
 def check_run_folder(output_dir: Path, resume: Optional[str], overwrite: bool):
     """Refuse to start a new run in a folder that holds an earlier one, unless told what to do with it:
-    ``--resume`` continues it, ``--overwrite`` deletes it first."""
-    if resume or overwrite:
+    ``--resume`` continues it (``latest`` needs a complete checkpoint there), ``--overwrite`` deletes it first."""
+    found = [] if overwrite else earlier_run(output_dir)
+    if not found:
         return
-    found = earlier_run(output_dir)
-    if found:
-        listed = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    listed = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    if not resume:
         raise TrainingConfigError(f"{output_dir} holds an earlier run ({listed}); continue it with --resume latest, "
                                   "or start clean with --overwrite (deletes its checkpoints and adapter), or give "
                                   "another --output", option="output_dir")
+    if resume == "latest" and resolve_checkpoint(output_dir, "latest") is None:
+        # Starting over here would silently replace that run.
+        raise TrainingConfigError(f"{output_dir} holds an earlier run ({listed}) but no complete checkpoint to "
+                                  "continue from; start clean with --overwrite instead",
+                                  option="resume_from_checkpoint")
 
 
 def clear_run_folder(output_dir: Path) -> list[str]:

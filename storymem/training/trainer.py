@@ -59,7 +59,6 @@ from .checkpoints import (
     check_run_folder,
     checkpoint_step,
     claim_run_folder,
-    earlier_run,
     export_adapter,
     register_checkpoint_hooks,
     resolve_checkpoint,
@@ -121,10 +120,10 @@ def train(config: TrainConfig) -> TrainResult:
     context, context_prob = _context_frames(config, lora_config)
     output_dir = Path(config.output_dir)
     check_run_folder(output_dir, config.resume_from_checkpoint, config.overwrite)
-    # Data first: a bad cache fails before any model is loaded.
+    check_base_available(config.base, parts=(component,))
+    # Data before models: a bad cache fails before any model is loaded.
     data = _open_data(config, lora_config, context, context_prob)
     _check_sizes_fit_base(config, lora_config, data)
-    check_base_available(config.base, parts=(component,))
 
     accelerator = _make_accelerator(config, output_dir)
     with claim_run_folder(accelerator, output_dir, config.overwrite, purpose=f"training ({config.expert})"):
@@ -400,12 +399,7 @@ def _resume(run: _Run) -> tuple[int, int, int, Optional[Path]]:
         raise TrainingConfigError("resuming is supported under FSDP2 (fsdp_version: 2, configs/accelerate_fsdp.yaml), "
                                   "not FSDP1", option="resume_from_checkpoint")
     checkpoint = resolve_checkpoint(run.output_dir, config.resume_from_checkpoint)
-    if checkpoint is None:
-        left = earlier_run(run.output_dir)
-        if left:  # a run without a checkpoint to continue from: starting over would silently replace it
-            raise TrainingConfigError(f"{run.output_dir} holds an earlier run ({', '.join(left[:4])}) but no "
-                                      "complete checkpoint to continue from; start clean with --overwrite instead",
-                                      option="resume_from_checkpoint")
+    if checkpoint is None:  # nothing there (check_run_folder refused a folder with a run but no checkpoint)
         logger.warning("no checkpoint in %s: starting a new run", run.output_dir)
         return 0, 0, 0, None
     try:
