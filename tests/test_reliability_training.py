@@ -334,10 +334,21 @@ def test_train_paths_and_model_limits_are_checked(prepared, lora_config_file, tm
     assert err == f"error: --output: {a_file} is a file, not a folder\n"
     err = _one_line_error(main_train(_train_argv(prepared, lora_config_file, prepared)), capsys)
     assert err.startswith("error: --output: is the prepared dataset folder")
+    err = _one_line_error(main_train(_train_argv(prepared, lora_config_file, a_file / "run")), capsys)
+    assert err.startswith(f"error: --output: cannot write to {a_file / 'run'} (")
     # More memory frames than the tiny base's rope table (64 positions at stride 5) can place.
     err = _one_line_error(main_train(_train_argv(prepared, lora_config_file, tmp_path / "r", "--max-memory", "13")),
                           capsys)
     assert err.startswith("error: --max-memory: 13 memory frames at rope stride 5 exceed the rope table (64)")
+    # Settings bounded by the data (6 clips in 2 clusters) or by what accelerate knows.
+    for flag, value, expected in [("--train-batch-size", "7", "7 is more than the 6 clips of"),
+                                  ("--validation-cluster", "2", "has 2 clusters (0 to 1), got 2"),
+                                  ("--report-to", "nowhere", "must be none or one of")]:
+        extra = ["--validation-steps", "1"] if flag == "--validation-cluster" else []
+        err = _one_line_error(main_train(_train_argv(prepared, lora_config_file, tmp_path / "r", flag, value,
+                                                     *extra)), capsys)
+        assert err.startswith(f"error: {flag}: ") and expected in err, err
+    assert not (tmp_path / "r").exists()
 
 
 def _prepare_argv(clips, out, *extra):
@@ -380,6 +391,15 @@ def test_prepare_paths_are_checked(tmp_path, capsys):
     assert err == f"error: --out: {a_file} is a file, not a folder\n"
     err = _one_line_error(main_prepare(_prepare_argv(tmp_path / "nope", tmp_path / "o")), capsys)
     assert err == f"error: --clips: {tmp_path / 'nope'}: folder not found\n"
+    _write_clips(tmp_path / "clips", n=14)
+    err = _one_line_error(main_prepare(_prepare_argv(tmp_path / "clips", a_file / "o")), capsys)
+    assert err.startswith(f"error: --out: cannot create {a_file / 'o'} (")
+    # One writer per folder: a prepare into a folder in use is refused, naming the holder.
+    from storymem.locking import FolderLock
+
+    with FolderLock(tmp_path / "busy", owner="storymem prepare", purpose="prepare"):
+        err = _one_line_error(main_prepare(_prepare_argv(tmp_path / "clips", tmp_path / "busy")), capsys)
+    assert f"{tmp_path / 'busy'} is in use by storymem prepare (pid {os.getpid()}" in err
 
 
 ADAPTER_BAD_FIELDS = [

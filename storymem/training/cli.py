@@ -135,6 +135,9 @@ def _run(parser: argparse.ArgumentParser, config_class, command: Callable, argv)
     except (DataError, AdapterError, VideoError, TrainingDivergedError, FileNotFoundError, ImportError) as e:
         _error(str(e))
         return 2
+    except OSError as e:  # a folder that cannot be written, a full disk
+        _error(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
+        return 2
     return 0
 
 

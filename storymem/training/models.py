@@ -8,6 +8,7 @@ package) or ``"tiny"`` (random-weight components of the same classes, built in c
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -155,8 +156,24 @@ def _from_pretrained(cls, base: str, subfolder: str, **kwargs):
                                 f"could not be downloaded (no network?); {_how_to_get(base)}") from None
 
 
+@contextlib.contextmanager
+def _loading_bars(shown: bool):
+    """transformers' and diffusers' weight-loading progress bars on or off for the duration."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    modules = [m for m in (transformers_logging, diffusers_logging) if m.is_progress_bar_enabled() != shown]
+    for module in modules:
+        (module.enable_progress_bar if shown else module.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        for module in modules:
+            (module.disable_progress_bar if shown else module.enable_progress_bar)()
+
+
 def load_encoders(base: str, device=None, text_dtype: torch.dtype = torch.bfloat16,
-                  vae_dtype: torch.dtype = torch.float32):
+                  vae_dtype: torch.dtype = torch.float32, progress: bool = True):
     """A :class:`~storymem.StoryMemPipeline` holding tokenizer, text encoder, VAE and scheduler (no
     transformers): what :func:`~storymem.training.prepare_dataset` encodes with."""
     from ..pipeline import StoryMemPipeline
@@ -170,13 +187,14 @@ def load_encoders(base: str, device=None, text_dtype: torch.dtype = torch.bfloat
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         folder = resolve_base(base)
-        parts = dict(
-            tokenizer=_from_pretrained(AutoTokenizer, folder, "tokenizer"),
-            text_encoder=_from_pretrained(UMT5EncoderModel, folder, "text_encoder", torch_dtype=text_dtype),
-            vae=_from_pretrained(AutoencoderKLWan, folder, "vae", **dtype_kwargs(vae_dtype)),
-            scheduler=load_scheduler(folder),
-            transformer=None, transformer_2=None, boundary_ratio=None,
-        )
+        with _loading_bars(progress):
+            parts = dict(
+                tokenizer=_from_pretrained(AutoTokenizer, folder, "tokenizer"),
+                text_encoder=_from_pretrained(UMT5EncoderModel, folder, "text_encoder", torch_dtype=text_dtype),
+                vae=_from_pretrained(AutoencoderKLWan, folder, "vae", **dtype_kwargs(vae_dtype)),
+                scheduler=load_scheduler(folder),
+                transformer=None, transformer_2=None, boundary_ratio=None,
+            )
     pipe = StoryMemPipeline(**parts)
     pipe.text_encoder.eval().requires_grad_(False)
     pipe.vae.eval().requires_grad_(False)

@@ -132,6 +132,32 @@ def prepare_dataset(config: PrepareConfig, embedder=None, progress: Optional[boo
         raise DataError(f"{config.manifest or config.clips_dir}: no videos found")
     check_base_available(config.base)  # before the scan, which may take a while
     embedder = embedder if embedder is not None else _make_embedder(config)
+    with _claim_output(out):
+        return _prepare(config, sources, embedder, progress, started)
+
+
+@contextlib.contextmanager
+def _claim_output(out: Path):
+    """The output folder, created and locked (one writer at a time) for the duration."""
+    from ..locking import FolderLock, FolderLockError
+
+    try:
+        lock = FolderLock(out, owner="storymem prepare", purpose="prepare").acquire()
+    except FolderLockError as e:
+        raise DataError(str(e)) from None
+    except OSError as e:
+        raise TrainingConfigError(f"cannot create {e.filename or out} ({e.strerror or e})", option="output_dir") \
+            from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _prepare(config: PrepareConfig, sources: list[ClipSource], embedder, progress: bool,
+             started: float) -> PrepareSummary:
+    """The two passes of :func:`prepare_dataset`, once its settings and inputs are checked."""
+    out = Path(config.output_dir)
     positions = memory_candidate_positions(config.num_frames, config.memory_candidates)
 
     # Pass 1: check every source, cut its clips, embed them, cluster them. No VAE yet.
@@ -439,7 +465,7 @@ def _encode(kept: list[_Clip], clip_entries: list[dict], config: PrepareConfig, 
 
     out, device, dtype = Path(config.output_dir), resolve_device(config.device), torch_dtype(config.cache_dtype)
     height, width, num_frames = config.height, config.width, config.num_frames
-    pipe = load_encoders(config.base, device=device)
+    pipe = load_encoders(config.base, device=device, progress=progress)
     with torch.no_grad():
         m2v = pipe.prepare_memory_condition(None, None, None, None, 1, height, width, num_frames, device).latents[0]
         empty = _encode_text(pipe, "", config.max_sequence_length, device)

@@ -119,6 +119,7 @@ def train(config: TrainConfig) -> TrainResult:
     component = EXPERTS[config.expert]
     context, context_prob = _context_frames(config, lora_config)
     output_dir = Path(config.output_dir)
+    _check_report_to(config)
     check_run_folder(output_dir, config.resume_from_checkpoint, config.overwrite)
     check_base_available(config.base, parts=(component,))
     # Data before models: a bad cache fails before any model is loaded.
@@ -222,10 +223,35 @@ def _open_data(config: TrainConfig, lora_config: StoryMemLoraConfig, context: Op
         raise DataError(f"{data.root}: --subject-loss-weight needs subject masks, and this dataset was prepared "
                         "without them; give each clip a mask video (a manifest's 'mask', or <name>.mask.mp4 beside "
                         "it in a folder) and re-run prepare")
+    _check_settings_fit_data(config, data)
     if data.base and data.base != base_identity(config.base):
         logger.warning("%s was prepared with base %s, training on %s: latents and text embeddings must come from "
                        "the same VAE and text encoder", data.root, data.base, base_identity(config.base))
     return data
+
+
+def _check_settings_fit_data(config: TrainConfig, data: PreparedDataset):
+    """The settings whose range depends on the prepared data, each named when it does not fit."""
+    clusters = [c for c in data.clusters if len(c) >= 2]
+    targets = sum(len(c) for c in clusters)
+    if config.train_batch_size > targets:
+        raise TrainingConfigError(f"{config.train_batch_size} is more than the {targets} clips of {data.root}",
+                                  option="train_batch_size")
+    if config.distractor_prob > 0 and len(clusters) < 2:
+        raise TrainingConfigError(f"distractors come from another cluster, and {data.root} has one",
+                                  option="distractor_prob")
+    if config.validation_steps and config.validation_cluster >= len(data.clusters):
+        raise TrainingConfigError(f"{data.root} has {len(data.clusters)} clusters (0 to {len(data.clusters) - 1}), "
+                                  f"got {config.validation_cluster}", option="validation_cluster")
+
+
+def _check_report_to(config: TrainConfig):
+    from accelerate.utils import LoggerType
+
+    known = [name for name in LoggerType.list() if name != "all"]
+    if config.report_to not in (None, "none", "all", *known):
+        raise TrainingConfigError(f"must be none or one of {', '.join(known)}, got {config.report_to!r}",
+                                  option="report_to")
 
 
 def _check_sizes_fit_base(config: TrainConfig, lora_config: StoryMemLoraConfig, data: PreparedDataset):
