@@ -267,7 +267,14 @@ def test_an_earlier_run_in_the_output_is_refused_resumed_or_overwritten(prepared
 
     shutil.rmtree(run / "checkpoint-2")
     err = _one_line_error(main_train(_train_argv(prepared, lora_config_file, run, "--resume", "latest")), capsys)
-    assert "no complete checkpoint to continue from" in err and "--overwrite" in err
+    assert err.startswith("error: --resume: ") and "no complete checkpoint to continue from" in err
+    assert "--overwrite" in err
+    err = _one_line_error(main_train(_train_argv(prepared, lora_config_file, run)), capsys)
+    assert "it has no complete checkpoint to continue from: start clean with --overwrite" in err
+    # Settings and logs alone (a run stopped before its first checkpoint) are no results: a new run starts.
+    for name in ("adapter", "train_summary.json"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    assert main_train(_train_argv(prepared, lora_config_file, run, "--max-train-steps", "1")) == 0
 
 
 def test_a_run_folder_in_use_is_refused_naming_its_holder(prepared, lora_config_file, tmp_path, capsys):

@@ -39,8 +39,10 @@ __all__ = ["ADAPTER_NAME", "CHECKPOINT_ADAPTER", "CHECKPOINT_MARKER", "RUN_OUTPU
 ADAPTER_NAME = "storymem"  # the peft adapter's name on the training model
 CHECKPOINT_ADAPTER = "adapter"  # the adapter's folder in a run or checkpoint folder
 CHECKPOINT_MARKER = "checkpoint.json"  # the last file a checkpoint save writes
-# What a run writes into its folder besides checkpoints (--overwrite removes them, and nothing else).
-RUN_OUTPUTS = (CHECKPOINT_ADAPTER, "train_config.json", "train_summary.json", "validation", "logs")
+# What a run writes into its folder besides checkpoints (--overwrite removes them, and nothing else); the first
+# three are its results, which a new run must not silently replace.
+RUN_OUTPUTS = (CHECKPOINT_ADAPTER, "train_summary.json", "validation", "train_config.json", "logs")
+_RUN_RESULTS = RUN_OUTPUTS[:3]
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _STAGING_RE = re.compile(r"^checkpoint-(\d+)\.(tmp|old)$")
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -250,37 +252,44 @@ def save_checkpoint(accelerator, model, adapter_config: StoryMemLoraConfig, comp
 
 
 # ---------------------------------------------------------------------------------------------- run folder
+def _checkpoint_folders(output_dir: Path) -> list[str]:
+    return [p.name for p in sorted(Path(output_dir).glob("checkpoint-*"))
+            if p.is_dir() and (_CHECKPOINT_RE.match(p.name) or _STAGING_RE.match(p.name))]
+
+
 def earlier_run(output_dir: Path) -> list[str]:
-    """What an earlier run left in ``output_dir`` (its checkpoints and outputs), by name; empty if nothing."""
+    """The results an earlier run left in ``output_dir`` (its checkpoints, complete or not, adapter, summary,
+    validation renders), by name; empty if none. Its settings and logs alone are no results."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [p.name for p in sorted(output_dir.glob("checkpoint-*"))
-             if p.is_dir() and (_CHECKPOINT_RE.match(p.name) or _STAGING_RE.match(p.name))]
-    return found + [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    return _checkpoint_folders(output_dir) + [name for name in _RUN_RESULTS if (output_dir / name).exists()]
 
 
 def check_run_folder(output_dir: Path, resume: Optional[str], overwrite: bool):
-    """Refuse to start a new run in a folder that holds an earlier one, unless told what to do with it:
-    ``--resume`` continues it (``latest`` needs a complete checkpoint there), ``--overwrite`` deletes it first."""
+    """Refuse to start a new run in a folder that holds an earlier one's results, unless told what to do with
+    them: ``--resume`` continues it (``latest`` needs a complete checkpoint there), ``--overwrite`` deletes them
+    first."""
     found = [] if overwrite else earlier_run(output_dir)
     if not found:
         return
     listed = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    resumable = resume not in (None, "latest") or resolve_checkpoint(output_dir, "latest") is not None
+    clean = "start clean with --overwrite (deletes its checkpoints and adapter)"
     if not resume:
-        raise TrainingConfigError(f"{output_dir} holds an earlier run ({listed}); continue it with --resume latest, "
-                                  "or start clean with --overwrite (deletes its checkpoints and adapter), or give "
-                                  "another --output", option="output_dir")
-    if resume == "latest" and resolve_checkpoint(output_dir, "latest") is None:
-        # Starting over here would silently replace that run.
+        choices = f"continue it with --resume latest, or {clean}" if resumable else \
+            f"it has no complete checkpoint to continue from: {clean}"
+        raise TrainingConfigError(f"{output_dir} holds an earlier run ({listed}); {choices}, or give another --output",
+                                  option="output_dir")
+    if not resumable:  # starting over here would silently replace that run
         raise TrainingConfigError(f"{output_dir} holds an earlier run ({listed}) but no complete checkpoint to "
-                                  "continue from; start clean with --overwrite instead",
-                                  option="resume_from_checkpoint")
+                                  f"continue from; {clean} instead", option="resume_from_checkpoint")
 
 
 def clear_run_folder(output_dir: Path) -> list[str]:
-    """Delete what an earlier run left in ``output_dir`` (:func:`earlier_run`; nothing else); return the names."""
-    found = earlier_run(output_dir)
+    """Delete what an earlier run left in ``output_dir`` (its checkpoints and :data:`RUN_OUTPUTS`, nothing else);
+    return the names."""
+    found = _checkpoint_folders(output_dir) + [name for name in RUN_OUTPUTS if (Path(output_dir) / name).exists()]
     for name in found:
         path = Path(output_dir) / name
         if path.is_dir():
