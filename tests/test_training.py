@@ -88,7 +88,9 @@ def test_help_is_grouped_with_each_default_once(capsys):
     text = capsys.readouterr().out
     for group in ("clips:", "prepared dataset:", "clusters:", "run:"):
         assert group in text
-    assert text.count("(default: 480)") == 1 and "(default: None)" not in text
+    flat = " ".join(text.split())  # as read, not as wrapped
+    assert flat.count("(default: 480; 64 with a built-in --base)") == 1 and "(default: None)" not in text
+    assert flat.count("(default: 81; 17 with a built-in --base)") == 1
     assert "(default: Wan-AI/Wan2.2-I2V-A14B-Diffusers)" in text and "--no-progress" in text
     assert main_train(["--help"]) == 0
     text = capsys.readouterr().out
@@ -155,7 +157,8 @@ def test_bad_input_is_one_line_naming_the_flag_or_file(clips_dir, lora_config_fi
 
 
 def test_the_default_base_that_cannot_be_loaded_is_named(clips_dir, tmp_path, capsys):
-    # Offline (as in every test) the hub's Wan2.2-I2V cannot be fetched: the error names it, after the scan.
+    # Offline (as in every test) the hub's Wan2.2-I2V cannot be fetched: the error names it and how to get it,
+    # before the scan.
     from storymem.training.cli import main_prepare
 
     code = main_prepare(["--clips", str(clips_dir), "--out", str(tmp_path / "o"), "--height", str(SIZE),
@@ -163,7 +166,9 @@ def test_the_default_base_that_cannot_be_loaded_is_named(clips_dir, tmp_path, ca
                          "--cluster-size", "3", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith("error: Wan-AI/Wan2.2-I2V-A14B-Diffusers: cannot load the base model's tokenizer")
+    assert err.startswith("error: Wan-AI/Wan2.2-I2V-A14B-Diffusers: the base model is not in the local Hugging "
+                          "Face cache")
+    assert "hf download Wan-AI/Wan2.2-I2V-A14B-Diffusers" in err and "--base" in err
 
 
 def test_ctrl_c_is_exit_code_130(monkeypatch, clips_dir, tmp_path, capsys):
@@ -224,7 +229,7 @@ def test_prepare_refuses_to_overwrite_and_needs_clusters(prepared, clips_dir, tm
                             "--no-progress"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "nothing to train on" in err and "'cluster of one': 2" in err
+    assert "nothing to train on" in err and "skipped 2 cluster of one (e.g. " in err
 
 
 def test_prepare_is_the_same_with_one_decoding_thread_and_batched_encoding(prepared, clips_dir, tmp_path):

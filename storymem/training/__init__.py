@@ -15,6 +15,8 @@ Heavy imports (diffusers, accelerate) happen when a name is first used.
 _LAZY = {
     "DataError": "storymem.training.errors",
     "TrainingConfigError": "storymem.training.errors",
+    "TrainingDivergedError": "storymem.training.errors",
+    "TrainingInterrupted": "storymem.training.errors",
     "PrepareConfig": "storymem.training.config",
     "TrainConfig": "storymem.training.config",
     "PrepareSummary": "storymem.training.prepare",

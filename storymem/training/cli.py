@@ -2,7 +2,8 @@
 
 Their flags are generated from :class:`~storymem.training.PrepareConfig` and :class:`~storymem.training.TrainConfig`
 (:mod:`storymem.arguments`): the fields' help texts are the ``--help``. Each entry point returns an exit code:
-0 done, 2 bad input (one line ``error: ...`` naming the flag or file at fault), 130 interrupted.
+0 done, 2 bad input (one line ``error: ...`` naming the flag or file at fault), 130 stopped by Ctrl-C, 143 by
+SIGTERM (training saves a checkpoint first and says where; ``--resume latest`` continues).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 from ..arguments import add_arguments, from_args
 from .config import PrepareConfig, TrainConfig
-from .errors import DataError, TrainingConfigError
+from .errors import DataError, TrainingConfigError, TrainingDivergedError, TrainingInterrupted
 
 __all__ = ["main", "main_prepare", "main_train", "build_prepare_parser", "build_train_parser"]
 
@@ -35,12 +36,20 @@ Train a StoryMem (Memory-to-Video) adapter on one expert of Wan2.2-I2V, on a pre
       --expert high --output runs/mi2v-high
   (then --expert low --output runs/mi2v-low: each expert trains on its side of the timestep boundary)
 
-Multi-GPU: accelerate launch --config_file configs/accelerate_fsdp.yaml ..."""
+Multi-GPU: accelerate launch --config_file configs/accelerate_fsdp.yaml ...
+Ctrl-C or SIGTERM ends the current step, saves a checkpoint and stops; --resume latest continues. An --output
+that holds an earlier run is refused unless --resume latest continues it or --overwrite starts it again."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """A parser whose refusals are one line (the flag and why, and where the help is), not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _parser(prog: str, description: str, config_class) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, config_class)
     return parser
 
@@ -98,9 +107,11 @@ def _is_main_process() -> bool:
 
 
 def _run(parser: argparse.ArgumentParser, config_class, command: Callable, argv) -> int:
-    """Parse ``argv`` and run ``command(args)``, turning bad input into exit code 2 and Ctrl-C into 130."""
+    """Parse ``argv`` and run ``command(args)``, turning bad input into exit code 2 and a stop signal into
+    128 + its number (130 Ctrl-C, 143 SIGTERM), each with one line on stderr."""
     from ..lora import AdapterError
     from ..video import VideoError
+    from .signals import terminate_as_interrupt
 
     try:
         args = parser.parse_args(argv)
@@ -109,7 +120,11 @@ def _run(parser: argparse.ArgumentParser, config_class, command: Callable, argv)
     logging.basicConfig(level=logging.INFO if _is_main_process() else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        command(args)
+        with terminate_as_interrupt():
+            command(args)
+    except TrainingInterrupted as e:
+        print(e.message, file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -117,8 +132,11 @@ def _run(parser: argparse.ArgumentParser, config_class, command: Callable, argv)
         flag = _flag_of(config_class, e.option) if e.option else None
         _error(f"{flag}: {e.detail}" if flag else str(e))
         return 2
-    except (DataError, AdapterError, VideoError, FileNotFoundError, ImportError) as e:
+    except (DataError, AdapterError, VideoError, TrainingDivergedError, FileNotFoundError, ImportError) as e:
         _error(str(e))
+        return 2
+    except OSError as e:  # a folder that cannot be written, a full disk
+        _error(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
         return 2
     return 0
 

@@ -1,24 +1,30 @@
 """The settings of ``prepare`` and ``train``: one dataclass each, and the one description of every option.
 
 Each field carries its help text and ``--help`` group (:func:`storymem.arguments.option`); the command line
-(:mod:`storymem.training.cli`) is generated from them, and ``validate`` checks what a parser cannot. A setting
-that is out of range raises :class:`~storymem.training.errors.TrainingConfigError` naming the field.
+(:mod:`storymem.training.cli`) is generated from them, and ``validate`` checks what a parser cannot: every
+number against its real range (NaN and infinity never pass; a zero is never read as "use the default"). A
+setting that is out of range raises :class:`~storymem.training.errors.TrainingConfigError` naming the field.
+Limits that depend on the base model (its rope table) are checked where the base is known
+(:func:`storymem.training.models.check_sizes_fit_base`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from ..arguments import option
+from ..builtin import BUILTIN_SAMPLING, is_builtin
 from ..defaults import BOUNDARY_RATIO, FPS, FRAMES, GUIDANCE, HEIGHT, MAX_MEMORY, WAN_I2V_BASE, WIDTH
 from ..devices import DTYPE_NAMES
 from .cache import CONTEXT_KINDS
 from .errors import TrainingConfigError
 from .flow import EXPERTS, TRAIN_FLOW_SHIFT
 
-__all__ = ["PrepareConfig", "TrainConfig", "LR_SCHEDULERS"]
+__all__ = ["PrepareConfig", "TrainConfig", "LR_SCHEDULERS", "SEED_MAX"]
 
 BASE_HELP = ('Wan2.2-I2V diffusers folder or hub id; "toy": the small world\'s base shipped with storymem, '
              '"tiny": random-weight components (smoke runs in seconds on the CPU)')
@@ -26,11 +32,46 @@ BASE_HELP = ('Wan2.2-I2V diffusers folder or hub id; "toy": the small world\'s b
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # Latent cells: VAE stride 8 x patch 2 in space; 4 frames per latent frame after the first in time.
 SIZE_MULTIPLE, TEMPORAL_SCALE = 16, 4
+SEED_MAX = 2 ** 32 - 1  # numpy's seeds are 32-bit
+MAX_FPS = 1000.0  # resampling to more would repeat every source frame many times over
+MAX_TEXT_TOKENS = 512  # Wan's text encoder is trained on (and its pipelines pad to) 512 tokens
+MAX_WORKERS = 256  # decoding threads / loader processes: each holds decoded videos in memory
 
 
 def _check(condition: bool, option_name: str, detail: str):
     if not condition:
         raise TrainingConfigError(detail, option=option_name)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_range(obj, name: str, low=None, high=None, *, low_open: bool = False, high_open: bool = False,
+                 integer: bool = False, optional: bool = False):
+    """Raise naming ``name`` unless ``obj.name`` is a finite number (a whole one with ``integer``) within the
+    bounds (``None``: unbounded on that side; ``*_open``: the bound itself excluded; ``optional``: None passes)."""
+    value = getattr(obj, name)
+    if optional and value is None:
+        return
+    typed = _is_number(value) and (not integer or isinstance(value, int))
+    if typed and (low is None or (value > low if low_open else value >= low)) \
+            and (high is None or (value < high if high_open else value <= high)):
+        return
+    if low is not None and high is not None:
+        expected = f"in {'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}{')' if high_open else ']'}"
+    elif low is not None:
+        expected = f"{'>' if low_open else '>='} {_fmt(low)}"
+    elif high is not None:
+        expected = f"{'<' if high_open else '<='} {_fmt(high)}"
+    else:
+        expected = "finite"
+    kind = "" if typed else ("a whole number " if integer else "a finite number ")
+    raise TrainingConfigError(f"must be {kind}{expected}, got {value!r}", option=name)
+
+
+def _fmt(bound) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
 def _contexts(value) -> tuple[str, ...]:
@@ -60,9 +101,16 @@ class PrepareConfig:
     output_dir: Path = option(flag="--out", metavar="FOLDER", required=True, group="prepared dataset",
                               help="prepared dataset folder")
     base: str = option(WAN_I2V_BASE, group="prepared dataset", help=BASE_HELP)
-    height: int = option(HEIGHT, group="prepared dataset", help="frame height, a multiple of 16")
-    width: int = option(WIDTH, group="prepared dataset", help="frame width, a multiple of 16")
-    num_frames: int = option(FRAMES, group="prepared dataset", help="frames per clip, 4n+1")
+    height: Optional[int] = option(
+        None, group="prepared dataset",
+        help=f"frame height, a multiple of 16 (default: {HEIGHT}; {BUILTIN_SAMPLING['height']} with a built-in "
+             "--base)")
+    width: Optional[int] = option(
+        None, group="prepared dataset",
+        help=f"frame width, a multiple of 16 (default: {WIDTH}; {BUILTIN_SAMPLING['width']} with a built-in --base)")
+    num_frames: Optional[int] = option(
+        None, group="prepared dataset",
+        help=f"frames per clip, 4n+1 (default: {FRAMES}; {BUILTIN_SAMPLING['frames']} with a built-in --base)")
     fps: float = option(float(FPS), group="prepared dataset", help="clips are resampled to this frame rate")
     window: str = option("center", choices=("center", "start"), group="prepared dataset",
                          help="which --num-frames window of a longer clip to keep")
@@ -81,8 +129,10 @@ class PrepareConfig:
     cluster_size: int = option(16, group="clusters", help="target clips per cluster")
     max_cluster_size: Optional[int] = option(None, group="clusters",
                                              help="largest cluster (default: 2 x --cluster-size)")
-    embedder: str = option("clip", choices=("clip", "pixel"), group="clusters",
-                           help="clip: open_clip image embeddings; pixel: thumbnails (no weights)")
+    embedder: Optional[str] = option(
+        None, choices=("clip", "pixel"), group="clusters",
+        help="clip: open_clip image embeddings (weights downloaded once); pixel: thumbnails (no weights) "
+             "(default: clip; pixel with a built-in --base)")
     clip_model: str = option("ViT-B-32", group="clusters", help="open_clip model of --embedder clip")
     clip_pretrained: Optional[str] = option("openai", group="clusters", help="open_clip tag or checkpoint file")
     seed: int = option(0, group="clusters", help="seed of the clustering")
@@ -97,32 +147,59 @@ class PrepareConfig:
     def __post_init__(self):
         self.contexts = _contexts(self.contexts)
 
+    def resolved(self) -> "PrepareConfig":
+        """A copy with the settings left to the base filled in: sizes and embedder of the built-in models
+        (:data:`storymem.builtin.BUILTIN_SAMPLING`) for ``toy``/``tiny``, the release's for any other base."""
+        builtin = is_builtin(self.base)
+        defaults = dict(height=BUILTIN_SAMPLING["height"] if builtin else HEIGHT,
+                        width=BUILTIN_SAMPLING["width"] if builtin else WIDTH,
+                        num_frames=BUILTIN_SAMPLING["frames"] if builtin else FRAMES,
+                        embedder=BUILTIN_SAMPLING["embedder"] if builtin else "clip")
+        return dataclasses.replace(self, **{name: value for name, value in defaults.items()
+                                            if getattr(self, name) is None})
+
     def validate(self):
-        """Raise :class:`TrainingConfigError` naming the first invalid setting."""
-        _check(self.clips_dir is not None or self.manifest is not None, "clips_dir",
+        """Raise :class:`TrainingConfigError` naming the first invalid setting (sizes left to the base are
+        checked as :meth:`resolved` fills them in)."""
+        config = self.resolved()
+        _check(config.clips_dir is not None or config.manifest is not None, "clips_dir",
                "give a clips folder (--clips) or a manifest (--manifest)")
-        _check(self.height > 0 and self.width > 0 and not self.height % SIZE_MULTIPLE
-               and not self.width % SIZE_MULTIPLE, "height",
-               f"height and width must be positive multiples of {SIZE_MULTIPLE}, got {self.height}x{self.width}")
-        _check(self.num_frames >= 1 and not (self.num_frames - 1) % TEMPORAL_SCALE, "num_frames",
-               f"must be of the form {TEMPORAL_SCALE}n+1 (e.g. 81), got {self.num_frames}")
-        _check(self.fps > 0, "fps", f"must be > 0, got {self.fps}")
-        _check(self.memory_candidates >= 1, "memory_candidates", f"must be >= 1, got {self.memory_candidates}")
-        _check(self.cluster_size >= 2, "cluster_size",
-               f"must be >= 2 (memory comes from other clips), got {self.cluster_size}")
-        _check(self.max_cluster_size is None or self.max_cluster_size >= self.cluster_size, "max_cluster_size",
-               f"must be >= the cluster size ({self.cluster_size}), got {self.max_cluster_size}")
-        unknown = [c for c in self.contexts if c not in CONTEXT_KINDS]
+        _check(config.clips_dir is None or Path(config.clips_dir).is_dir(), "clips_dir",
+               f"{config.clips_dir}: folder not found")
+        _check(config.manifest is None or Path(config.manifest).is_file(), "manifest",
+               f"{config.manifest}: file not found")
+        _check(not Path(config.output_dir).exists() or Path(config.output_dir).is_dir(), "output_dir",
+               f"{config.output_dir} is a file, not a folder")
+        ext = config.caption_ext
+        _check(isinstance(ext, str) and ext.startswith(".") and len(ext) > 1, "caption_ext",
+               f"must be a file extension such as .txt, got {ext!r}")
+        _check_range(config, "shot_threshold", 0, 255, low_open=True)  # ContentDetector's scores are 0..255
+        _check_range(config, "min_shot_seconds", 0)
+        for name in ("height", "width"):
+            _check_range(config, name, 0, low_open=True, integer=True)
+            _check(not getattr(config, name) % SIZE_MULTIPLE, name,
+                   f"must be a multiple of {SIZE_MULTIPLE}, got {getattr(config, name)}")
+        _check_range(config, "num_frames", 1, integer=True)
+        _check(not (config.num_frames - 1) % TEMPORAL_SCALE, "num_frames",
+               f"must be of the form {TEMPORAL_SCALE}n+1 (e.g. 81), got {config.num_frames}")
+        _check_range(config, "fps", 0, MAX_FPS, low_open=True)
+        _check_range(config, "memory_candidates", 1, config.num_frames, integer=True)
+        _check_range(config, "cluster_size", 2, integer=True)
+        _check_range(config, "max_cluster_size", config.cluster_size, integer=True, optional=True)
+        _check_range(config, "seed", 0, SEED_MAX, integer=True)
+        unknown = [c for c in config.contexts if c not in CONTEXT_KINDS]
         _check(not unknown, "contexts", f"unknown {unknown}; expected some of {', '.join(CONTEXT_KINDS)} or none")
-        for context in self.contexts:
-            _check(CONTEXT_KINDS[context] < self.num_frames, "contexts",
-                   f"{context} needs more than {CONTEXT_KINDS[context]} frames, got {self.num_frames}")
-        _check(self.cache_dtype in DTYPE_NAMES, "cache_dtype",
-               f"must be one of {', '.join(DTYPE_NAMES)}, got {self.cache_dtype!r}")
-        for name in ("encode_batch_size", "decode_workers", "shard_size", "max_sequence_length"):
-            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        _check(self.embedder in ("clip", "pixel"), "embedder", f"must be clip or pixel, got {self.embedder!r}")
-        _check(self.window in ("center", "start"), "window", f"must be center or start, got {self.window!r}")
+        for context in config.contexts:
+            _check(CONTEXT_KINDS[context] < config.num_frames, "contexts",
+                   f"{context} needs more than {CONTEXT_KINDS[context]} frames, got {config.num_frames}")
+        _check(config.cache_dtype in DTYPE_NAMES, "cache_dtype",
+               f"must be one of {', '.join(DTYPE_NAMES)}, got {config.cache_dtype!r}")
+        _check_range(config, "shard_size", 1, integer=True)
+        _check_range(config, "max_sequence_length", 1, MAX_TEXT_TOKENS, integer=True)
+        _check_range(config, "decode_workers", 1, MAX_WORKERS, integer=True)
+        _check_range(config, "encode_batch_size", 1, integer=True)
+        _check(config.embedder in ("clip", "pixel"), "embedder", f"must be clip or pixel, got {config.embedder!r}")
+        _check(config.window in ("center", "start"), "window", f"must be center or start, got {config.window!r}")
 
 
 @dataclass(kw_only=True)
@@ -140,8 +217,13 @@ class TrainConfig:
                          help="high: transformer (t >= boundary); low: transformer_2 (t < boundary); all: the "
                               "transformer of a single-expert base, every t")
     seed: int = option(0, group="run", help="seed of the LoRA initialisation, the sampler and the noise")
-    resume_from_checkpoint: Optional[str] = option(None, flag="--resume", metavar="CHECKPOINT", group="run",
-                                                   help='"latest" or a checkpoint-N folder to continue from')
+    resume_from_checkpoint: Optional[str] = option(
+        None, flag="--resume", metavar="CHECKPOINT", group="run",
+        help='"latest" (the newest complete checkpoint of --output) or a checkpoint-N folder to continue from')
+    overwrite: bool = option(False, group="run",
+                             help="start clean in an --output that holds an earlier run: delete its checkpoints, "
+                                  "adapter, logs and validation renders first (without it, such a folder is "
+                                  "refused unless --resume continues it)")
 
     train_batch_size: int = option(1, group="optimisation", help="samples per device and step")
     gradient_accumulation_steps: int = option(1, group="optimisation", help="batches per optimizer step")
@@ -223,28 +305,101 @@ class TrainConfig:
     def validate(self):
         """Raise :class:`TrainingConfigError` naming the first invalid setting."""
         _check(self.expert in EXPERTS, "expert", f"must be one of {', '.join(EXPERTS)}, got {self.expert!r}")
+        output = Path(self.output_dir)
+        _check(not output.exists() or output.is_dir(), "output_dir", f"{output} is a file, not a folder")
+        _check(output.resolve() != Path(self.data_dir).resolve(), "output_dir",
+               "is the prepared dataset folder; give the run a folder of its own")
+        _check(not (self.overwrite and self.resume_from_checkpoint), "overwrite",
+               "starts the run again, --resume continues it: give one of them")
+        _check_range(self, "seed", 0, SEED_MAX, integer=True)
         for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps"):
-            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        _check(0 <= self.min_memory <= self.max_memory, "min_memory",
-               f"need 0 <= min_memory <= max_memory, got {self.min_memory}, {self.max_memory}")
-        _check(self.mi2v_prob is None or 0 <= self.mi2v_prob <= 1, "mi2v_prob",
-               f"must be in [0, 1], got {self.mi2v_prob}")
+            _check_range(self, name, 1, integer=True)
+        _check_range(self, "checkpoints_total_limit", 1, integer=True, optional=True)
+        _check_range(self, "max_train_minutes", 0, low_open=True, optional=True)
+        # Above 1 an AdamW step moves each LoRA weight by about the learning rate: the run diverges at once.
+        _check_range(self, "learning_rate", 0, 1, low_open=True)
+        _check(self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler",
+               f"must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        _check_range(self, "lr_warmup_steps", 0, integer=True)
+        _check_range(self, "lr_num_cycles", 1, integer=True)
+        _check_range(self, "lr_power", 0, low_open=True)
+        for name in ("adam_beta1", "adam_beta2"):
+            _check_range(self, name, 0, 1, high_open=True)
+        _check_range(self, "adam_weight_decay", 0)
+        _check_range(self, "adam_epsilon", 0, 1, low_open=True, high_open=True)
+        _check_range(self, "max_grad_norm", 0)
+        _check(self.mixed_precision in (None, "no", "bf16", "fp16"), "mixed_precision",
+               f"must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        _check_range(self, "dataloader_num_workers", 0, MAX_WORKERS, integer=True)
+        _check_range(self, "flow_shift", 0, low_open=True)
+        _check_range(self, "boundary_ratio", 0, 1, low_open=True, high_open=True)
+        _check_range(self, "min_memory", 0, integer=True)
+        _check_range(self, "max_memory", self.min_memory, integer=True)
+        _check_range(self, "mi2v_prob", 0, 1, optional=True)
         for name in ("caption_dropout", "no_memory_prob", "distractor_prob"):
-            _check(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
-        _check(self.preserve_base_weight >= 0, "preserve_base_weight",
-               f"must be >= 0, got {self.preserve_base_weight}")
+            _check_range(self, name, 0, 1)
+        _check_range(self, "subject_loss_weight", 0, low_open=True)
+        _check_range(self, "preserve_base_weight", 0)
         _check(self.preserve_base_weight == 0 or self.no_memory_prob > 0 or self.min_memory == 0,
                "preserve_base_weight", "acts on batches without memory frames; give them a share with "
                "no_memory_prob (or min_memory 0)")
-        _check(self.subject_loss_weight > 0, "subject_loss_weight", f"must be > 0, got {self.subject_loss_weight}")
-        _check(self.flow_shift > 0, "flow_shift", f"must be > 0, got {self.flow_shift}")
-        _check(0 < self.boundary_ratio < 1, "boundary_ratio", f"must be in (0, 1), got {self.boundary_ratio}")
-        _check(self.mixed_precision in (None, "no", "bf16", "fp16"), "mixed_precision",
-               f"must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        _check(self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler",
-               f"must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        _check_range(self, "validation_steps", 0, integer=True)
+        _check_range(self, "validation_shots", 1, integer=True)
+        _check_range(self, "validation_inference_steps", 1, 1000, integer=True)
+        _check_range(self, "validation_guidance_scale", 0)
         _check(self.validation_other_expert in ("base", "none"), "validation_other_expert",
                f"must be base or none, got {self.validation_other_expert!r}")
-        _check(self.max_train_minutes is None or self.max_train_minutes > 0, "max_train_minutes",
-               f"must be > 0, got {self.max_train_minutes}")
-        _check(self.validation_steps >= 0, "validation_steps", f"must be >= 0, got {self.validation_steps}")
+        _check_range(self, "validation_cluster", 0, integer=True)
+
+
+# ---------------------------------------------------------------------------------------------- adapter config
+def _whole(low):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low, f"a whole number >= {low}"
+
+
+def _names(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)
+
+
+# What each field of an adapter config (lora_configs/*.json) must hold: (check, what it should be).
+_ADAPTER_FIELDS = {
+    "rank": _whole(1),
+    "alpha": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "target_modules": (_names, "a non-empty list of module names"),
+    "memory_rope": (lambda v: v in ("negative", "contiguous"), '"negative" or "contiguous"'),
+    "memory_rope_stride": _whole(1),
+    "conditioning": (lambda v: v in ("m2v", "mi2v", "mm2v"), '"m2v", "mi2v" or "mm2v"'),
+    "experts": (lambda v: _names(v) and set(v) <= {"transformer", "transformer_2"},
+                'a list of "transformer" and/or "transformer_2"'),
+    "base_model": (lambda v: v is None or isinstance(v, str), "a hub id, a folder or null"),
+    "source": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def read_lora_config(path):
+    """The :class:`~storymem.lora.StoryMemLoraConfig` of an adapter config file, each field checked for its type
+    and range first: a bad value raises :class:`TrainingConfigError` naming the file and the field."""
+    import json
+
+    from ..lora import StoryMemLoraConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingConfigError(f"{path}: adapter config not found" if not path.exists() else
+                                  f"{path}: not a file", option="lora_config")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TrainingConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise TrainingConfigError(f"{path}: expected a JSON object of adapter settings")
+    unknown = sorted(set(data) - set(_ADAPTER_FIELDS))
+    if unknown:
+        raise TrainingConfigError(f"{path}: unknown field {unknown[0]!r}; known: {', '.join(_ADAPTER_FIELDS)}")
+    for name, value in data.items():
+        valid, expected = _ADAPTER_FIELDS[name]
+        if not valid(value):
+            raise TrainingConfigError(f"{path}: field {name!r} must be {expected}, got {json.dumps(value)}")
+    return StoryMemLoraConfig.from_dict(data, source=str(path))

@@ -19,6 +19,7 @@ their cluster; only then does the encoding pass decode the kept clips again and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -36,7 +37,7 @@ from ..devices import resolve_device, torch_dtype
 from .cache import CACHE_FORMAT, CACHE_VERSION, CONTEXT_KINDS, INDEX_NAME, SHARED_NAME, save_safetensors
 from .clustering import cluster_embeddings, clusters_from_groups
 from .config import PrepareConfig
-from .errors import DataError
+from .errors import DataError, TrainingConfigError
 from .sources import (
     ClipSource,
     Skipped,
@@ -111,12 +112,16 @@ def prepare_dataset(config: PrepareConfig, embedder=None, progress: Optional[boo
         TrainingConfigError: an invalid setting.
         DataError: a malformed manifest, an existing dataset without ``overwrite``, or nothing left to train on.
     """
+    from .models import check_base_available, check_sizes_fit_base
+
     started = time.time()
     config.validate()
+    config = config.resolved()  # sizes and embedder left to the base, filled in
     progress = config.progress if progress is None else progress
     out = Path(config.output_dir)
     if (out / INDEX_NAME).exists() and not config.overwrite:
         raise DataError(f"{out}: already holds a prepared dataset; pass overwrite=True (--overwrite) to replace it")
+    check_sizes_fit_base(config.base, config.height, config.width, config.num_frames)
     if config.split_shots:
         try:
             import scenedetect  # noqa: F401
@@ -125,7 +130,34 @@ def prepare_dataset(config: PrepareConfig, embedder=None, progress: Optional[boo
     sources = discover_sources(config.clips_dir, config.manifest, config.caption_ext)
     if not sources:
         raise DataError(f"{config.manifest or config.clips_dir}: no videos found")
+    check_base_available(config.base)  # before the scan, which may take a while
     embedder = embedder if embedder is not None else _make_embedder(config)
+    with _claim_output(out):
+        return _prepare(config, sources, embedder, progress, started)
+
+
+@contextlib.contextmanager
+def _claim_output(out: Path):
+    """The output folder, created and locked (one writer at a time) for the duration."""
+    from ..locking import FolderLock, FolderLockError
+
+    try:
+        lock = FolderLock(out, owner="storymem prepare", purpose="prepare").acquire()
+    except FolderLockError as e:
+        raise DataError(str(e)) from None
+    except OSError as e:
+        raise TrainingConfigError(f"cannot create {e.filename or out} ({e.strerror or e})", option="output_dir") \
+            from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _prepare(config: PrepareConfig, sources: list[ClipSource], embedder, progress: bool,
+             started: float) -> PrepareSummary:
+    """The two passes of :func:`prepare_dataset`, once its settings and inputs are checked."""
+    out = Path(config.output_dir)
     positions = memory_candidate_positions(config.num_frames, config.memory_candidates)
 
     # Pass 1: check every source, cut its clips, embed them, cluster them. No VAE yet.
@@ -133,8 +165,7 @@ def prepare_dataset(config: PrepareConfig, embedder=None, progress: Optional[boo
     scan_seconds = time.time() - started
     clusters = _cluster(clips, config, skipped)
     if not clusters:
-        raise DataError(f"nothing to train on: {len(sources)} sources, {len(clips)} usable clips, no cluster with "
-                        f"two or more clips; skipped: {dict(Counter(s.reason for s in skipped))}")
+        raise _nothing_to_train(len(sources), len(clips), skipped)
 
     # Clip ids follow the clusters; shards are filled in reading order.
     kept = [clips[i] for members in clusters for i in members]
@@ -188,14 +219,61 @@ def _base_identity(base: str) -> str:
     return base_identity(base)
 
 
+def _nothing_to_train(num_sources: int, num_clips: int, skipped: list[Skipped]) -> DataError:
+    """The error of a scan that left no cluster: how many of what was skipped, with one example of each."""
+    reasons = []
+    for reason, count in Counter(s.reason for s in skipped).most_common():
+        example = next(s for s in skipped if s.reason == reason)
+        reasons.append(f"{count} {reason} (e.g. {example.source}" + (f": {example.detail})" if example.detail else ")"))
+    return DataError(f"nothing to train on: {num_sources} sources, {num_clips} usable clips, no cluster with two "
+                     "or more clips" + ("; skipped " + ", ".join(reasons) if reasons else ""))
+
+
 def _make_embedder(config: PrepareConfig):
+    """The frame embedder of ``config.embedder``, its weights loaded now: weights that cannot be had fail here,
+    in one line saying which and how to get them, before any clip is read."""
     if config.embedder == "pixel":
         from ..memory import PixelEmbedder
 
         return PixelEmbedder()
-    from ..memory import OpenCLIPEmbedder
+    try:
+        from ..memory import OpenCLIPEmbedder
 
-    return OpenCLIPEmbedder(config.clip_model, pretrained=config.clip_pretrained, device=config.device)
+        embedder = OpenCLIPEmbedder(config.clip_model, pretrained=config.clip_pretrained, device=config.device)
+    except ImportError:
+        raise ImportError("--embedder clip needs open_clip (pip install open_clip_torch); --embedder pixel needs "
+                          "nothing") from None
+    except FileNotFoundError as e:
+        raise TrainingConfigError(str(e), option="clip_pretrained") from None
+    except ValueError as e:  # an unknown model name or pretrained tag
+        raise TrainingConfigError(str(e), option="clip_pretrained" if "tag" in str(e) else "clip_model") from None
+    try:
+        with _without_open_clip_logs():  # it logs the failure it then raises: one message is enough
+            return embedder.load()
+    except (RuntimeError, OSError, ValueError) as e:
+        reason = _first_line(e).split(": ")[0]
+        if config.clip_pretrained and Path(config.clip_pretrained).is_file():
+            raise TrainingConfigError(f"{config.clip_pretrained}: cannot load it as {config.clip_model} weights "
+                                      f"({reason})", option="clip_pretrained") from None
+        name, tag = config.clip_model, config.clip_pretrained
+        raise TrainingConfigError(
+            f"the open_clip weights {name} / {tag} are not downloaded and could not be fetched ({reason}); download "
+            f"them once while online: python -c \"import open_clip; open_clip.create_model('{name}', "
+            f"pretrained='{tag}')\" (later runs, offline too, find them in the cache), or give a checkpoint file "
+            "with --clip-pretrained FILE, or use --embedder pixel (no weights)", option="embedder") from None
+
+
+@contextlib.contextmanager
+def _without_open_clip_logs():
+    def not_open_clip(record: logging.LogRecord) -> bool:
+        return "open_clip" not in record.pathname
+
+    root = logging.getLogger()
+    root.addFilter(not_open_clip)
+    try:
+        yield
+    finally:
+        root.removeFilter(not_open_clip)
 
 
 def _embedder_name(config: PrepareConfig, embedder) -> str:
@@ -300,7 +378,7 @@ def _scan_source(source: ClipSource, config: PrepareConfig,
         offset = select_window(len(indices), config.num_frames, config.window)
         if offset is None:
             skipped.append(Skipped(clip.name, "too short", f"{len(indices)} frames at {config.fps:g} fps, "
-                                                           f"need {config.num_frames}"))
+                                                           f"need {config.num_frames} (--num-frames)"))
             continue
         clip.frame_indices = indices[offset:offset + config.num_frames]
         found.append((clip, resize_and_crop(video[[clip.frame_indices[p] for p in positions]], config.height,
@@ -387,7 +465,7 @@ def _encode(kept: list[_Clip], clip_entries: list[dict], config: PrepareConfig, 
 
     out, device, dtype = Path(config.output_dir), resolve_device(config.device), torch_dtype(config.cache_dtype)
     height, width, num_frames = config.height, config.width, config.num_frames
-    pipe = load_encoders(config.base, device=device)
+    pipe = load_encoders(config.base, device=device, progress=progress)
     with torch.no_grad():
         m2v = pipe.prepare_memory_condition(None, None, None, None, 1, height, width, num_frames, device).latents[0]
         empty = _encode_text(pipe, "", config.max_sequence_length, device)

@@ -8,6 +8,7 @@ base with a single transformer) on timesteps of its side of the boundary, and wr
       adapter/                        final adapter (storymem_adapter.json + high_noise/low_noise.safetensors)
       checkpoint-500/                 resumable state (optimizer, scheduler, RNG, sampler position) ...
         adapter/                      ... and the adapter as of step 500 (also the weights resumed from)
+        checkpoint.json               written last: the checkpoint is complete
       validation/step-000500.mp4      validation stories (with --validation-steps)
       logs/                           tensorboard
       train_config.json
@@ -18,8 +19,15 @@ Precision: the frozen base weights are kept in the mixed-precision dtype (bf16),
 the base stays bf16 and sharded and accelerate keeps the LoRA weights in fp32. FSDP1 needs one dtype per
 flattened block, so there everything is loaded in fp32 (no memory saved on 2 GPUs) and ``--resume`` is refused.
 
+Reliability: checkpoints are written atomically (:mod:`storymem.training.checkpoints`); an ``--output`` that
+holds an earlier run is refused unless ``--resume`` continues it or ``--overwrite`` clears it; SIGINT/SIGTERM end
+the current step, save a checkpoint and raise :class:`~storymem.training.errors.TrainingInterrupted`
+(:mod:`storymem.training.signals`); a loss or adapter weights that stop being finite stop the run before
+anything non-finite is saved.
+
 :func:`train` reads top to bottom as the steps of a run: check the settings and the data, set up accelerate,
-load the expert and add the adapter, build optimizer, sampler and schedule, resume, loop, export.
+claim the run folder, load the expert and add the adapter, build optimizer, sampler and schedule, resume, loop,
+export.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ import functools
 import logging
 import math
 import os
+import pickle
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,17 +55,21 @@ from .cache import PreparedDataset
 from .checkpoints import (
     ADAPTER_NAME,
     CHECKPOINT_ADAPTER,
+    any_process,
+    check_run_folder,
     checkpoint_step,
+    claim_run_folder,
     export_adapter,
     register_checkpoint_hooks,
     resolve_checkpoint,
     save_checkpoint,
 )
-from .config import TrainConfig
+from .config import TrainConfig, read_lora_config
 from .data import MemoryBatchSampler, MemoryClipDataset, collate_samples
-from .errors import DataError, TrainingConfigError
+from .errors import DataError, TrainingConfigError, TrainingDivergedError, TrainingInterrupted
 from .flow import EXPERTS
 from .loss import flow_matching_loss
+from .signals import StopRequest
 
 logger = logging.getLogger(__name__)
 
@@ -91,25 +105,43 @@ class _Run:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) a training run; see the module docstring for what it writes."""
+    """Run (or resume) a training run; see the module docstring for what it writes.
+
+    Raises:
+        TrainingConfigError / DataError: a bad setting or bad data (before any model is loaded where possible).
+        TrainingInterrupted: SIGINT or SIGTERM stopped the run; it names the checkpoint it saved first.
+        TrainingDivergedError: the loss or the weights stopped being finite; nothing from then on was saved.
+    """
+    from .models import check_base_available
+
+    config.validate()
+    lora_config = read_lora_config(config.lora_config)
+    component = EXPERTS[config.expert]
+    context, context_prob = _context_frames(config, lora_config)
+    output_dir = Path(config.output_dir)
+    _check_report_to(config)
+    check_run_folder(output_dir, config.resume_from_checkpoint, config.overwrite)
+    check_base_available(config.base, parts=(component,))
+    # Data before models: a bad cache fails before any model is loaded.
+    data = _open_data(config, lora_config, context, context_prob)
+    _check_sizes_fit_base(config, lora_config, data)
+
+    accelerator = _make_accelerator(config, output_dir)
+    with claim_run_folder(accelerator, output_dir, config.overwrite, purpose=f"training ({config.expert})"):
+        return _train(config, lora_config, component, context, context_prob, data, accelerator, output_dir)
+
+
+def _train(config: TrainConfig, lora_config: StoryMemLoraConfig, component: str, context: Optional[str],
+           context_prob: float, data: PreparedDataset, accelerator, output_dir: Path) -> TrainResult:
+    """Load the expert, build optimizer, sampler and schedule, resume, loop, export."""
     from accelerate.utils import DistributedType, set_seed
     from diffusers.optimization import get_scheduler
 
-    config.validate()
-    lora_config = StoryMemLoraConfig.from_file(config.lora_config)
-    component = EXPERTS[config.expert]
-    context, context_prob = _context_frames(config, lora_config)
-    # Data first: a bad cache fails before any model is loaded.
-    data = _open_data(config, lora_config, context, context_prob)
-
-    output_dir = Path(config.output_dir)
-    accelerator = _make_accelerator(config, output_dir)
     is_fsdp = accelerator.distributed_type == DistributedType.FSDP
     weight_dtype = _weight_dtype(accelerator, is_fsdp)
     if config.allow_tf32 and accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         logger.info(data.summary())
 
     # Models are built before seeding, so the training RNG stream does not depend on how they were made.
@@ -150,7 +182,12 @@ def train(config: TrainConfig) -> TrainResult:
                lr_scheduler=lr_scheduler, dataloader=dataloader, sampler=sampler, adapter_config=adapter_config,
                component=component, output_dir=output_dir, is_fsdp=is_fsdp, loss_kwargs=loss_kwargs,
                renderer=renderer, fps=data.index.get("fps", float(FPS)))
-    result = _train_loop(run, *_resume(run))
+    try:
+        with StopRequest() as stop:
+            result = _train_loop(run, stop, *_resume(run))
+    except (TrainingInterrupted, TrainingDivergedError):
+        accelerator.end_training()  # flush the logs of the steps that were taken
+        raise
 
     export_adapter(accelerator, transformer, adapter_config, component, result.adapter_dir)
     if accelerator.is_main_process:
@@ -186,10 +223,60 @@ def _open_data(config: TrainConfig, lora_config: StoryMemLoraConfig, context: Op
         raise DataError(f"{data.root}: --subject-loss-weight needs subject masks, and this dataset was prepared "
                         "without them; give each clip a mask video (a manifest's 'mask', or <name>.mask.mp4 beside "
                         "it in a folder) and re-run prepare")
+    _check_settings_fit_data(config, data)
     if data.base and data.base != base_identity(config.base):
         logger.warning("%s was prepared with base %s, training on %s: latents and text embeddings must come from "
                        "the same VAE and text encoder", data.root, data.base, base_identity(config.base))
     return data
+
+
+def _check_settings_fit_data(config: TrainConfig, data: PreparedDataset):
+    """The settings whose range depends on the prepared data, each named when it does not fit."""
+    clusters = [c for c in data.clusters if len(c) >= 2]
+    targets = sum(len(c) for c in clusters)
+    if config.train_batch_size > targets:
+        raise TrainingConfigError(f"{config.train_batch_size} is more than the {targets} clips of {data.root}",
+                                  option="train_batch_size")
+    if config.distractor_prob > 0 and len(clusters) < 2:
+        raise TrainingConfigError(f"distractors come from another cluster, and {data.root} has one",
+                                  option="distractor_prob")
+    if config.validation_steps and config.validation_cluster >= len(data.clusters):
+        raise TrainingConfigError(f"{data.root} has {len(data.clusters)} clusters (0 to {len(data.clusters) - 1}), "
+                                  f"got {config.validation_cluster}", option="validation_cluster")
+
+
+def _check_report_to(config: TrainConfig):
+    from accelerate.utils import LoggerType
+
+    known = [name for name in LoggerType.list() if name != "all"]
+    if config.report_to not in (None, "none", "all", *known):
+        raise TrainingConfigError(f"must be none or one of {', '.join(known)}, got {config.report_to!r}",
+                                  option="report_to")
+
+
+def _check_sizes_fit_base(config: TrainConfig, lora_config: StoryMemLoraConfig, data: PreparedDataset):
+    """The prepared sizes and ``--max-memory`` against the base's rope table, before the base is loaded."""
+    from .models import base_rope_length, check_sizes_fit_base
+
+    rope = base_rope_length(config.base)
+    index = data.index
+    try:
+        check_sizes_fit_base(config.base, index["height"], index["width"], index["num_frames"], rope_length=rope)
+    except TrainingConfigError as e:
+        raise DataError(f"{data.root} was prepared at a size the base cannot take: {e.detail}") from None
+    _check_memory_fits_rope(config, lora_config, data.latent_shape[1], rope)
+
+
+def _check_memory_fits_rope(config: TrainConfig, lora_config: StoryMemLoraConfig, latent_frames: int, rope: int):
+    """``--max-memory`` frames must have rope positions: at negative positions ``stride`` apart, or after one
+    another before the clip's latent frames (contiguous)."""
+    stride = lora_config.memory_rope_stride
+    if lora_config.memory_rope == "negative" and config.max_memory * stride >= rope:
+        raise TrainingConfigError(f"{config.max_memory} memory frames at rope stride {stride} exceed the rope "
+                                  f"table ({rope}); at most {(rope - 1) // stride}", option="max_memory")
+    if lora_config.memory_rope == "contiguous" and config.max_memory + latent_frames > rope:
+        raise TrainingConfigError(f"{config.max_memory} memory frames and {latent_frames} latent frames exceed the "
+                                  f"rope table ({rope}); at most {rope - latent_frames}", option="max_memory")
 
 
 def _make_accelerator(config: TrainConfig, output_dir: Path):
@@ -262,10 +349,7 @@ def _check_model_fits_data(model, data: PreparedDataset, config: TrainConfig, lo
     if model.config.text_dim != data.index["text_dim"]:
         raise DataError(f"{data.root}: text embeddings are {data.index['text_dim']}-d, the transformer expects "
                         f"{model.config.text_dim} (prepared with another base?)")
-    stride = lora_config.memory_rope_stride
-    if lora_config.memory_rope == "negative" and config.max_memory * stride >= model.config.rope_max_seq_len:
-        raise TrainingConfigError(f"{config.max_memory} memory frames at rope stride {stride} exceed the rope "
-                                  f"table ({model.config.rope_max_seq_len})", option="max_memory")
+    _check_memory_fits_rope(config, lora_config, data.latent_shape[1], model.config.rope_max_seq_len)
 
 
 def _adapter_config(lora_config: StoryMemLoraConfig, base: str, component: str) -> StoryMemLoraConfig:
@@ -329,32 +413,39 @@ def _steps_per_epoch(run: _Run) -> int:
     return max(1, math.ceil(len(run.dataloader) / run.config.gradient_accumulation_steps))
 
 
-def _resume(run: _Run) -> tuple[int, int, int]:
-    """``(global_step, first_epoch, batches to skip in it)``: zeros for a new run, else restored from the
-    checkpoint ``--resume`` names."""
+def _resume(run: _Run) -> tuple[int, int, int, Optional[Path]]:
+    """``(global_step, first_epoch, batches to skip in it, checkpoint)``: zeros and None for a new run, else
+    restored from the checkpoint ``--resume`` names."""
     config, accelerator = run.config, run.accelerator
     if not config.resume_from_checkpoint:
-        return 0, 0, 0
+        return 0, 0, 0, None
     if run.is_fsdp and not accelerator.is_fsdp2:
         # Seen on 2 GPUs: FSDP1 checkpoints of this setup resume with a different next step than the run that
         # wrote them; FSDP2 (configs/accelerate_fsdp.yaml) resumes exactly.
         raise TrainingConfigError("resuming is supported under FSDP2 (fsdp_version: 2, configs/accelerate_fsdp.yaml), "
                                   "not FSDP1", option="resume_from_checkpoint")
     checkpoint = resolve_checkpoint(run.output_dir, config.resume_from_checkpoint)
-    if checkpoint is None:
+    if checkpoint is None:  # nothing there (check_run_folder refused a folder with a run but no checkpoint)
         logger.warning("no checkpoint in %s: starting a new run", run.output_dir)
-        return 0, 0, 0
-    accelerator.load_state(str(checkpoint))
+        return 0, 0, 0, None
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{checkpoint}: cannot be resumed ({first}); give an earlier one with --resume "
+                        f"{run.output_dir}/checkpoint-N") from None
     global_step = checkpoint_step(checkpoint)
     steps_per_epoch = _steps_per_epoch(run)
     logger.info("resumed from %s (step %d)", checkpoint, global_step)
     return (global_step, global_step // steps_per_epoch,
-            (global_step % steps_per_epoch) * config.gradient_accumulation_steps)
+            (global_step % steps_per_epoch) * config.gradient_accumulation_steps, checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------- loop
-def _train_loop(run: _Run, global_step: int, first_epoch: int, skip_batches: int) -> TrainResult:
-    """Optimizer steps until ``max_train_steps`` (or the time limit), with logs, checkpoints and validation."""
+def _train_loop(run: _Run, stop: StopRequest, global_step: int, first_epoch: int, skip_batches: int,
+                last_checkpoint: Optional[Path]) -> TrainResult:
+    """Optimizer steps until ``max_train_steps`` (or the time limit, or a stop signal), with logs, checkpoints
+    and validation. A signal ends the step it arrived in, saves a checkpoint and raises TrainingInterrupted."""
     from tqdm.auto import tqdm
 
     config, accelerator, transformer = run.config, run.accelerator, run.transformer
@@ -363,8 +454,8 @@ def _train_loop(run: _Run, global_step: int, first_epoch: int, skip_batches: int
                     disable=not accelerator.is_local_main_process)
     step_loss = torch.zeros((), device=accelerator.device)
     started = time.perf_counter()
-    epoch, out_of_time = first_epoch, False
-    while global_step < config.max_train_steps and not out_of_time:
+    epoch, stopping = first_epoch, None
+    while global_step < config.max_train_steps and stopping is None:
         run.sampler.epoch = epoch
         loader = run.dataloader
         if epoch == first_epoch and skip_batches:
@@ -382,18 +473,54 @@ def _train_loop(run: _Run, global_step: int, first_epoch: int, skip_batches: int
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            mean_loss, stopping = _end_of_step(run, step_loss, stop, started, global_step)
             step_loss.zero_()
+            if not math.isfinite(mean_loss):
+                progress.close()
+                raise _diverged(run, f"the loss became {mean_loss}", global_step, last_checkpoint)
             result.losses.append(mean_loss)
             _log_step(run, progress, global_step, mean_loss, info)
-            out_of_time = _out_of_time(run, started, global_step)
-            _after_step(run, result, global_step, out_of_time)
-            if global_step >= config.max_train_steps or out_of_time:
+            last_checkpoint = _after_step(run, result, global_step, stopping is not None, last_checkpoint)
+            if global_step >= config.max_train_steps or stopping is not None:
                 break
         epoch += 1
     progress.close()
     result.global_step = global_step
+    if stopping is not None and stopping != "time":
+        raise TrainingInterrupted(stopping, global_step, last_checkpoint)
     return result
+
+
+def _end_of_step(run: _Run, step_loss: torch.Tensor, stop: StopRequest, started: float, global_step: int):
+    """``(mean loss over processes, why to stop now)``: None, "time" (``--max-train-minutes`` passed) or the
+    signal that asked for a stop. One reduction across processes, so that every process stops at the same step."""
+    accelerator = run.accelerator
+    limit = run.config.max_train_minutes
+    late = limit is not None and time.perf_counter() - started >= 60.0 * limit
+    flags = [float(late), float(stop.signum == signal.SIGINT), float(stop.signum == signal.SIGTERM)]
+    local = torch.cat([step_loss.detach().float().view(1), torch.tensor(flags, device=step_loss.device)])
+    total = accelerator.reduce(local, reduction="sum").tolist()
+    mean_loss = total[0] / accelerator.num_processes
+    if total[2] > 0 or total[3] > 0:
+        return mean_loss, signal.SIGINT if total[2] > 0 else signal.SIGTERM
+    if total[1] > 0:
+        logger.info("time limit of %s min reached at step %d", limit, global_step)
+        return mean_loss, "time"
+    return mean_loss, None
+
+
+def _diverged(run: _Run, what: str, global_step: int, last_checkpoint: Optional[Path]) -> TrainingDivergedError:
+    where = (f"the last checkpoint, {last_checkpoint}, is intact (--resume latest continues from it)"
+             if last_checkpoint is not None else "no checkpoint was saved before it")
+    return TrainingDivergedError(f"{what} at step {global_step}; nothing from this step on was saved and {where}; "
+                                 f"lower --learning-rate (now {run.config.learning_rate:g}) or check the data")
+
+
+def _check_finite_adapter(run: _Run, global_step: int, last_checkpoint: Optional[Path]):
+    """Refuse to save adapter weights that are not all finite numbers (they would render noise)."""
+    finite = all(bool(torch.isfinite(p.detach()).all()) for p in run.transformer.parameters() if p.requires_grad)
+    if any_process(run.accelerator, not finite):
+        raise _diverged(run, "the adapter weights stopped being finite numbers", global_step, last_checkpoint)
 
 
 def _log_step(run: _Run, progress, global_step: int, mean_loss: float, info: dict):
@@ -406,31 +533,21 @@ def _log_step(run: _Run, progress, global_step: int, mean_loss: float, info: dic
     run.accelerator.log(logs, step=global_step)
 
 
-def _out_of_time(run: _Run, started: float, global_step: int) -> bool:
-    """Whether ``--max-train-minutes`` has passed; every process stops at the same step (the decision is
-    reduced across them)."""
-    limit = run.config.max_train_minutes
-    if limit is None:
-        return False
-    late = torch.tensor(float(time.perf_counter() - started >= 60.0 * limit), device=run.accelerator.device)
-    out_of_time = run.accelerator.reduce(late, reduction="sum").item() > 0
-    if out_of_time:
-        logger.info("time limit of %s min reached at step %d", limit, global_step)
-    return out_of_time
-
-
-def _after_step(run: _Run, result: TrainResult, global_step: int, out_of_time: bool):
-    """Checkpoint and validation render when they are due."""
+def _after_step(run: _Run, result: TrainResult, global_step: int, stopping: bool,
+                last_checkpoint: Optional[Path]) -> Optional[Path]:
+    """Checkpoint and validation render when they are due; returns the newest checkpoint."""
     config = run.config
-    if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps or out_of_time:
-        save_checkpoint(run.accelerator, run.transformer, run.adapter_config, run.component, run.output_dir,
-                        global_step, config.checkpoints_total_limit, run.is_fsdp)
-    if config.validation_steps and global_step % config.validation_steps == 0:
+    if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps or stopping:
+        _check_finite_adapter(run, global_step, last_checkpoint)
+        last_checkpoint = save_checkpoint(run.accelerator, run.transformer, run.adapter_config, run.component,
+                                          run.output_dir, global_step, config.checkpoints_total_limit, run.is_fsdp)
+    if config.validation_steps and global_step % config.validation_steps == 0 and not stopping:
         if run.renderer is not None:
             path = run.output_dir / "validation" / f"step-{global_step:06d}.mp4"
             unwrapped = run.accelerator.unwrap_model(run.transformer)
             result.validation_videos.append(run.renderer.render(unwrapped, path, fps=run.fps))
         run.accelerator.wait_for_everyone()
+    return last_checkpoint
 
 
 @contextlib.contextmanager
