@@ -28,6 +28,7 @@ from ..acceleration import (T2V_BOUNDARY_RATIO, CompileStats, LowVramConfig, Pro
                             check_speed_options, compile_experts, compile_stats, enable_low_vram,
                             encode_story_prompts, keyframe_models_on, release_models, resolve_preset)
 from ..defaults import BOUNDARY_RATIO, WAN_NEGATIVE_PROMPT
+from ..lora_fusion import LoraFusionError
 from ..distill import (DISTILL_ADAPTER, EXPERTS, DistillLoraError, DistillLoraFiles, fuse_loras, load_distill_lora,
                        read_expert_configs, resolve_distill_lora, set_lora_scales, validate_distill_lora)
 from .models import adapter_disabled, place_pipeline
@@ -328,7 +329,7 @@ def _low_vram_config(device, stage: str, encoded: bool) -> LowVramConfig:
 def _fuse(pipe, device, stage: str) -> dict:
     try:
         report = fuse_loras(pipe, device=device)
-    except DistillLoraError as err:
+    except LoraFusionError as err:
         raise RenderError(f"--fuse ({stage}): {err}; --no-fuse renders with the adapters unmerged") from None
     return {"adapters": report.adapters, "relative_error": report.relative_error, "tolerance": report.tolerance}
 
