@@ -144,12 +144,17 @@ class OpenCLIPEmbedder:
         names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
         return repo, names
 
-    def _missing_weights(self) -> MissingWeightsError | None:
+    def missing_repos(self) -> list[str]:
+        """The hub repositories of the weights that are not in the local cache (empty: nothing to download)."""
         repo, names = self.hub_weights()
-        if not repo or cached_file(repo, names, cache_dir=self.cache_dir) is not None:
+        return [repo] if repo and cached_file(repo, names, cache_dir=self.cache_dir) is None else []
+
+    def _missing_weights(self) -> MissingWeightsError | None:
+        repos = self.missing_repos()
+        if not repos:
             return None
         tag = f"{self.model_name}:{self.pretrained}" if self.pretrained else self.model_name
-        return missing_weights(f"open_clip {tag}", [repo], instead="give a local checkpoint file")
+        return missing_weights(f"open_clip {tag}", repos, instead="give a local checkpoint file")
 
     def check_available(self) -> None:
         """Raise :class:`~storymem.hub.MissingWeightsError` now, before anything loads, when the weights would

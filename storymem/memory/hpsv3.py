@@ -257,10 +257,14 @@ class HPSv3Scorer:
 
         return Path(hf_hub_download(self.checkpoint, HPSV3_CHECKPOINT_FILE, cache_dir=self.cache_dir))
 
+    def missing_repos(self) -> list[str]:
+        """The hub repositories of the weights that are not in the local cache (empty: nothing to download)."""
+        return [repo for repo, names in ((self.checkpoint, [HPSV3_CHECKPOINT_FILE]), (self.base, ["config.json"]))
+                if is_hub_id(repo) and cached_file(repo, names, cache_dir=self.cache_dir) is None]
+
     def _missing_weights(self):
         """The MissingWeightsError for hub weights not in the local cache (None when all are here)."""
-        missing = [repo for repo, names in ((self.checkpoint, [HPSV3_CHECKPOINT_FILE]), (self.base, ["config.json"]))
-                   if is_hub_id(repo) and cached_file(repo, names, cache_dir=self.cache_dir) is None]
+        missing = self.missing_repos()
         if not missing:
             return None
         return missing_weights("HPSv3", missing, instead="do without it (storymem render --aesthetic none)")
