@@ -9,6 +9,7 @@ array [N, H, W, 3], or a float tensor [N, 3, H, W] in [0, 1]. Embedders also cou
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -44,6 +45,11 @@ def _group_by_size(images: Sequence[np.ndarray]) -> dict[tuple[int, int], list[i
     for i, image in enumerate(images):
         groups.setdefault(image.shape[:2], []).append(i)
     return groups
+
+
+class _DropDownloadLog(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to download weights")
 
 
 class OpenCLIPEmbedder:
@@ -174,6 +180,8 @@ class OpenCLIPEmbedder:
             quick_gelu = self.force_quick_gelu
             if quick_gelu is None and self.pretrained and not os.path.isfile(self.pretrained):
                 quick_gelu = bool(open_clip.get_pretrained_cfg(self.model_name, self.pretrained).get("quick_gelu"))
+            quiet = _DropDownloadLog()  # open_clip logs the failure it then raises: one message, ours, is enough
+            logging.getLogger().addFilter(quiet)
             try:
                 model = open_clip.create_model(
                     self.model_name,
@@ -188,6 +196,8 @@ class OpenCLIPEmbedder:
                 if missing is not None:
                     raise missing from None
                 raise
+            finally:
+                logging.getLogger().removeFilter(quiet)
             self._prepare_model(model)
         return self
 
