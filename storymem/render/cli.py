@@ -30,8 +30,15 @@ class StoryArguments:
              "(--base toy --lora toy; `storymem demo`)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its refusals as one line (``error: ...``, exit code 2), like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} ({self.prog} --help lists the flags)\n")
+
+
 def build_parser(prog: str = "storymem render") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description="Render a story script shot by shot with StoryMem's visual memory (Wan2.2-I2V-A14B + M2V "
                     "LoRA). Rerun the same command to resume an interrupted render.")

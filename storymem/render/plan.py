@@ -343,7 +343,8 @@ def _resume_point(previous: dict, story, options: RenderOptions, from_index: Opt
         return 0  # nothing of the folder is kept: whatever it holds is no obstacle
     finished = _finished_shots(previous, path)
     difference = _first_difference(finished, story)
-    latest = difference[0] + 1 if difference else len(finished) + 1  # the latest shot a render may restart at
+    # The latest shot a render may restart at: the first that differs, else the first not finished.
+    latest = difference[0] + 1 if difference else min(len(finished) + 1, len(story))
     if from_index is not None:
         if difference is not None and difference[0] < from_index:
             index, what = difference

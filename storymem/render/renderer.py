@@ -427,14 +427,15 @@ class _HeldLock:
 
 
 def _check_unchanged(plan: RenderPlan) -> None:
-    """The folder's manifest is still the one the plan was made from (checked under the lock)."""
+    """The folder's manifest is still the one the plan was made from (checked under the lock; --force starts over
+    whatever is there now)."""
+    if plan.options.force:
+        return
     path = plan.manifest_path
     now_there = read_manifest(path) if path.is_file() else None
     before = plan.previous
     if (now_there is None) != (before is None) or (now_there is not None and now_there.get("updated") !=
                                                      before.get("updated")):
-        if plan.options.force and now_there is not None:
-            return  # starting over: whatever is there now goes too
         raise RenderError(f"{path.parent}: another render changed the folder while this one was being prepared; run "
                           "the command again")
 
