@@ -279,13 +279,19 @@ _PLAIN_FIELDS = ("prompts", "cuts", "first_frame_prompts", "name", "overview", "
 def _check_fields(data: dict, known: Sequence[str], where: str) -> None:
     """Refuse a field the schema does not have (a misspelt one would otherwise be ignored, or reported as the
     field it was meant to be going missing), naming the nearest known one."""
+    forms = {_ST_BENCH_FIELDS: "ST-Bench", _PLAIN_FIELDS: "plain"}
     for key in data:
         if key in known:
             continue
-        everything = list(dict.fromkeys([*known, *_ST_BENCH_FIELDS, *_PLAIN_FIELDS]))
-        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6) or \
-            difflib.get_close_matches(str(key), everything, n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?" if close else f"known fields: {', '.join(known)}"
+        other = next((fields for fields in forms if fields is not known and key in fields), None)
+        if other is not None and known in forms:
+            hint = (f"'{key}' belongs to the {forms[other]} form, but this script is in the {forms[known]} form "
+                    f"(fields: {', '.join(known)})")
+        else:
+            # (a misspelt 'scenes' makes a script look like the plain form: look in both)
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6) or \
+                difflib.get_close_matches(str(key), [*_ST_BENCH_FIELDS, *_PLAIN_FIELDS], n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else f"known fields: {', '.join(known)}"
         raise StoryError(f"{where}: unknown field '{key}'; {hint}")
 
 
