@@ -689,3 +689,8 @@ def test_no_progress_hides_the_loading_bars(tmp_path, capfd):
     assert "Loading" not in quiet and "it/s" not in quiet and "%|" not in quiet, quiet
     assert main([*common, "--out", str(tmp_path / "bars")]) == 0
     assert "Loading pipeline components" in capfd.readouterr().err  # the bars the flag hides
+    # The built-in model's folder too (the demo).
+    assert main(["--demo", "--out", str(tmp_path / "demo"), "--frames", "5", "--height", "32", "--width", "32",
+                 "--steps", "1", "--no-progress"]) == 0
+    quiet = capfd.readouterr().err
+    assert "Loading" not in quiet and "it/s" not in quiet, quiet

@@ -68,7 +68,8 @@ def load_pipeline(options: RenderOptions, shared: Optional[dict] = None):
     dtype = torch_dtype(options.dtype)
     if options.is_builtin:
         try:
-            pipe = load_builtin_pipeline(options.base)  # float32; the VAE stays so
+            with loading_bars(options.progress):
+                pipe = load_builtin_pipeline(options.base)  # float32; the VAE stays so
         except BuiltinWeightsError as err:
             raise RenderError(str(err)) from None
         if dtype != torch.float32:
