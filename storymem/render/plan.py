@@ -360,7 +360,7 @@ def _resume_point(previous: dict, story, options: RenderOptions, from_index: Opt
     if difference is not None:
         diffs.insert(0, f"story: shot {difference[0] + 1}: {difference[1]}")
     elif _story_key(previous.get("story", {})) != _story_key(story.to_dict()):
-        diffs.insert(0, "story: the shots not rendered yet, the name or the overview differ")
+        diffs.insert(0, "story: its name, overview, first-frame prompts or shots not rendered yet differ")
     if diffs:
         raise RenderError(f"{path} was rendered with other settings ({'; '.join(diffs)}); rerun with the same "
                           f"options to resume, {_ways_out(latest)}")
