@@ -452,7 +452,8 @@ def check_adapter_files(path_or_repo, subfolder: Optional[str] = None, transform
     if len(set(ranks.values())) > 1:
         raise AdapterError(f"{folder}: the experts' ranks differ ({', '.join(f'{e}: {r}' for e, r in ranks.items())})")
     if config is None:
-        config = StoryMemLoraConfig.published(PUBLISHED_VARIANTS.get(folder.name, "mi2v"), rank=ranks[next(iter(files))])
+        rank = ranks[next(iter(files))]
+        config = StoryMemLoraConfig.published(PUBLISHED_VARIANTS.get(folder.name, "mi2v"), rank=rank)
         config.experts = list(files)
     return config
 

@@ -425,7 +425,8 @@ def test_offline_render_names_every_download(offline, tmp_path, capsys):
     story, out = _write(tmp_path / "s.json", STORY), tmp_path / "out"
     assert main(["--story", str(story), "--out", str(out), "--device", "cpu"]) == 2
     line = _one_error_line(capsys.readouterr().err, "HF_HUB_OFFLINE", "--base Wan-AI/Wan2.2-I2V-A14B-Diffusers",
-                           "--embedder", "--aesthetic hpsv3", "huggingface-cli download Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+                           "--embedder", "--aesthetic hpsv3",
+                           "huggingface-cli download Wan-AI/Wan2.2-I2V-A14B-Diffusers",
                            "timm/vit_base_patch32_clip_224.openai", "MizzenAI/HPSv3", "Qwen/Qwen2-VL-7B-Instruct",
                            "HF_HUB_OFFLINE=1 runs without a network")
     assert "config.json" not in line and not out.exists()

@@ -126,7 +126,8 @@ class OpenCLIPVideoEncoder:
 
     def __init__(self, embedder, name: str | None = None):
         self.embedder = embedder
-        model = clip_label(getattr(embedder, "model_name", type(embedder).__name__), getattr(embedder, "pretrained", None))
+        model_name = getattr(embedder, "model_name", type(embedder).__name__)
+        model = clip_label(model_name, getattr(embedder, "pretrained", None))
         self.name = name or f"open_clip {model}, frame-averaged"
 
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -214,7 +215,14 @@ class RenderOptions:
         changes.update(base=base, device=device, dtype=self._resolved_dtype(device, builtin),
                        guidance_2=self.guidance if self.guidance_2 is None else self.guidance_2,
                        out_dir=Path(self.out_dir) if self.out_dir is not None else Path("outputs") / "story")
-        return dataclasses.replace(self, **changes)
+        resolved = dataclasses.replace(self, **changes)
+        # numpy's numbers (a sweep's values) as Python's, so the settings record as JSON; others stay for validate().
+        for names, kind, cast in ((_INTEGER_RANGES, numbers.Integral, int), (_REAL_RANGES, numbers.Real, float)):
+            for name in names:
+                value = getattr(resolved, name)
+                if isinstance(value, kind) and not isinstance(value, bool):
+                    setattr(resolved, name, cast(value))
+        return resolved
 
     def _resolved_device(self) -> str:
         from ..devices import resolve_device
@@ -446,13 +454,15 @@ def latent_frames(frames: int) -> int:
 
 def check_model_capacity(options: "RenderOptions", rope_max_seq_len: int, patch_size=(1, 2, 2),
                          memory_rope: Optional[str] = None, vae_stride: int = 8, model: str = "the model",
-                         size_from: Optional[str] = None) -> None:
+                         size_from: Optional[str] = None, memory_stride: Optional[int] = None) -> None:
     """Refuse sizes the transformer's RoPE table cannot hold: each axis of the latent grid (time, height,
     width, in patches) indexes one table of ``rope_max_seq_len`` rows. Time holds the ``--max-memory`` memory
     frames and the shot's latent frames: side by side (``contiguous``), or the memory at negative positions
-    ``-(fm - j) * 5`` (``negative``; the table is read at ``|position|``). Height and width must be known."""
+    ``-(fm - j) * memory_stride`` (``negative``, the default; the table is read at ``|position|``).
+    ``size_from``: the flag the size came from when it was not given (``--area N``)."""
     from ..defaults import ROPE_STRIDE
 
+    stride = memory_stride or ROPE_STRIDE
     n = int(rope_max_seq_len)
     p_t, p_h, p_w = patch_size
     f = latent_frames(options.frames) // p_t
@@ -463,9 +473,9 @@ def check_model_capacity(options: "RenderOptions", rope_max_seq_len: int, patch_
     if memory_rope == "contiguous" and fm + f > n:
         raise RenderError(f"--max-memory {fm} with --frames {options.frames}: {fm} memory + {f} shot latent frames "
                           f"do not fit side by side (contiguous memory RoPE); {where}")
-    if memory_rope != "contiguous" and fm * ROPE_STRIDE >= n:
-        raise RenderError(f"--max-memory {fm}: memory frames sit {ROPE_STRIDE} positions apart before the shot "
-                          f"(negative memory RoPE), so at most {(n - 1) // ROPE_STRIDE} fit; {where}")
+    if memory_rope != "contiguous" and fm * stride >= n:
+        raise RenderError(f"--max-memory {fm}: memory frames sit {stride} positions apart before the shot "
+                          f"(negative memory RoPE), so at most {(n - 1) // stride} fit; {where}")
     for name, value, patch in (("height", options.height, p_h), ("width", options.width, p_w)):
         if value is not None and value // (vae_stride * patch) > n:
             flag = f"{size_from}: a {name} of {value}" if size_from else f"--{name} {value}"

@@ -420,9 +420,11 @@ def prepare(story, options: RenderOptions, selector=None, pipe=None) -> RenderPl
     configs = models.base_transformer_configs(options.base) if pipe is None else None
     for config in (configs or {}).values():
         if config is not None:
-            check_model_capacity(options, config.get("rope_max_seq_len", 1024), tuple(config.get("patch_size", (1, 2, 2))),
+            check_model_capacity(options, config.get("rope_max_seq_len", 1024),
+                                 tuple(config.get("patch_size", (1, 2, 2))),
                                  memory_rope=options.memory_rope or adapter_rope or "negative",
-                                 model=f"--base {options.base}", size_from=size_from)
+                                 model=f"--base {options.base}", size_from=size_from,
+                                 memory_stride=adapter.memory_rope_stride if adapter is not None else None)
 
     out_dir = Path(options.out_dir)
     previous = _check_output_dir(out_dir, options.force)

@@ -101,7 +101,8 @@ class StoryRenderer:
             if model is not None:  # the loaded (or given) model's RoPE table, in the mode now known
                 check_model_capacity(o, model.config.rope_max_seq_len, tuple(model.config.patch_size),
                                      memory_rope=self.memory_rope, vae_stride=self.pipe.vae_scale_factor_spatial,
-                                     model=f"--base {o.base}")
+                                     model=f"--base {o.base}",
+                                     memory_stride=getattr(self.pipe, "memory_rope_stride", None))
         if self.continuation_mode == "mm2v" and o.frames < MOTION_FRAMES + 4:
             raise RenderError(f"--frames {o.frames}: the adapter continues shots with MM2V, which drops "
                               f"{MOTION_FRAMES} frames; use at least {MOTION_FRAMES + 4}")
