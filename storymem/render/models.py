@@ -13,7 +13,7 @@ from typing import Optional
 
 from .options import RenderError, RenderOptions, looks_local
 
-__all__ = ["load_pipeline", "load_render_pipeline", "load_t2v_pipeline", "load_adapter", "adapter_memory_rope",
+__all__ = ["load_pipeline", "load_render_pipeline", "load_t2v_pipeline", "load_adapter",
            "place_pipeline", "set_adapter_scale", "adapter_disabled", "build_selector", "base_transformer_configs",
            "check_adapter", "check_downloads", "loading_bars", "load_selector"]
 
@@ -277,23 +277,6 @@ def load_selector(selector) -> None:
                 part.load()
             except MissingWeightsError as err:
                 raise RenderError(str(err)) from None
-
-
-def adapter_memory_rope(value: Optional[str]) -> Optional[str]:
-    """The memory RoPE mode the ``--lora`` adapter records, read from its folder's metadata without loading its
-    weights; None where that needs the adapter loaded (hub ids, published folders, which carry no metadata)."""
-    if not value:
-        return None
-    from ..lora import ADAPTER_CONFIG_NAME, AdapterError, StoryMemLoraConfig
-
-    source, subfolder = _adapter_source(value)
-    config = Path(source) / (subfolder or "") / ADAPTER_CONFIG_NAME
-    if not config.is_file():
-        return None
-    try:
-        return StoryMemLoraConfig.from_file(config).memory_rope
-    except AdapterError as err:
-        raise RenderError(f"--lora {value}: {err}") from None
 
 
 def set_adapter_scale(pipe, scale: float, adapter_name: str = "storymem") -> None:

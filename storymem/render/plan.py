@@ -27,7 +27,7 @@ from .options import RenderError, RenderOptions, check_model_capacity
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_FORMAT", "MANIFEST_VERSION", "OUTPUT_FOLDERS", "OUTPUT_FILES", "RenderPlan",
            "prepare", "read_manifest", "migrate_manifest", "new_manifest", "continued_manifest", "check_memory_rope",
-           "shot_settings", "now"]
+           "now"]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "storymem-render"
@@ -113,11 +113,6 @@ def read_manifest(path) -> dict:
         raise RenderError(f"{path}: render manifest version {json.dumps(version)} is not supported; this storymem "
                           f"reads version {MANIFEST_VERSION} (and migrates versions 1 and 2)")
     return manifest
-
-
-def shot_settings(manifest: dict, index: int) -> dict:
-    """The settings shot ``index`` (0-based) of a version-3 manifest was rendered with."""
-    return manifest["shots"][index].get("settings", {})
 
 
 def now() -> str:

@@ -21,7 +21,7 @@ from ..defaults import MOTION_FRAMES, WAN_NEGATIVE_PROMPT
 from . import models, outputs
 from .options import RenderError, RenderOptions, check_model_capacity, shot_seed
 from .parallel import ProcessGroup, enable_context_parallel
-from .plan import (MANIFEST_NAME, OUTPUT_FILES, OUTPUT_FOLDERS, RenderPlan, check_memory_rope, continued_manifest,
+from .plan import (OUTPUT_FILES, OUTPUT_FOLDERS, RenderPlan, check_memory_rope, continued_manifest,
                    new_manifest, now, prepare, read_manifest)
 
 __all__ = ["StoryRenderer", "render_story", "SHOT_MODES"]
