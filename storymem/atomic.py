@@ -1,6 +1,7 @@
 """Atomic writes: every output is written to a temporary file (or folder) beside its destination and moved over
 it with ``os.replace``, so an interrupted run never leaves a truncated file or a half-filled folder where a
-complete one is expected."""
+complete one is expected. What they leave behind has the modes the user's umask gives any new file or folder
+(the temporary names' private modes are not kept)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,20 @@ __all__ = ["atomic_path", "atomic_folder", "swap_in_folder", "atomic_write", "at
 PathLike = Union[str, os.PathLike]
 
 
+def _umask() -> int:
+    """The process's file mode creation mask (read without changing it where /proc tells it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` with the same suffix (tools that pick a format by extension,
@@ -26,7 +41,11 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
+    try:
+        # mkstemp makes the file private (0600); the output gets the mode any new file of the user's gets.
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
@@ -43,6 +62,7 @@ def atomic_folder(path: PathLike) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private (0700), like mkstemp's files
     try:
         yield tmp
     except BaseException:

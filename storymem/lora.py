@@ -24,7 +24,10 @@ out of its inference code and placed memory and shot at ``0 .. fm + f - 1``. Pas
 only to reproduce videos made with that release, or for an adapter that was itself trained with contiguous
 positions (its ``storymem_adapter.json`` then says so and nothing needs to be passed).
 
-Loading is strict: a missing, unexpected or mis-shaped key raises :class:`AdapterError` naming it.
+Loading is strict: a missing, unexpected or mis-shaped key, a tensor that is not floating point or holds a
+non-finite value, and a damaged or truncated file raise :class:`AdapterError` naming it.
+:func:`check_adapter_files` runs the same checks on the files alone, before any model loads (``storymem render``
+does so while it checks its inputs).
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -55,6 +59,9 @@ __all__ = [
     "save_storymem_lora",
     "read_published_state_dict",
     "convert_published_state_dict",
+    "check_adapter_files",
+    "check_lora_tensor",
+    "iter_tensor_file",
 ]
 
 ADAPTER_CONFIG_NAME = "storymem_adapter.json"
@@ -104,8 +111,21 @@ class StoryMemLoraConfig:
     source: str = "storymem"
 
     def __post_init__(self):
-        if self.rank < 1:
-            raise AdapterError(f"rank must be >= 1, got {self.rank}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise AdapterError(f"rank must be a whole number >= 1, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
+                or self.alpha <= 0:
+            raise AdapterError(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or \
+                not 0.0 <= self.dropout < 1.0:
+            raise AdapterError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        stride = self.memory_rope_stride
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise AdapterError(f"memory_rope_stride must be a whole number >= 1, got {stride!r}")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise AdapterError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
+        if not self.experts:
+            raise AdapterError("experts is empty: an adapter has weights for at least one expert")
         if self.memory_rope not in ROPE_MODES:
             raise AdapterError(f"memory_rope must be one of {ROPE_MODES}, got {self.memory_rope!r}")
         if self.conditioning not in ("m2v", "mi2v", "mm2v"):
@@ -206,25 +226,80 @@ def validate_lora_state_dict(state_dict: dict, transformer, config: StoryMemLora
         raise AdapterError(f"{source}: adapter does not match the model: " + "; ".join(problems))
 
 
+def _first_line(err: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+    return text[0].strip() if text else type(err).__name__
+
+
+def _torch_load(path: Path):
+    """A .pth/.pt/.bin checkpoint with ``weights_only=True``, memory-mapped where its format allows."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(str(path), map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
+
+
+def iter_tensor_file(path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a .safetensors file (read one at a time) or of a .pth/.pt/.bin checkpoint
+    (``weights_only=True``, memory-mapped), each checked by :func:`check_lora_tensor`. A damaged or truncated file
+    is an :class:`AdapterError` naming it."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    yield key, check_lora_tensor(f.get_tensor(key), f"{path}: {key}")
+            return
+        obj = _torch_load(path)
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise AdapterError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+        for key, value in obj.items():
+            if not isinstance(value, torch.Tensor):
+                raise AdapterError(f"{path}: {key} is a {type(value).__name__}, not a tensor")
+            yield key, check_lora_tensor(value, f"{path}: {key}")
+    except AdapterError:
+        raise
+    except pickle.UnpicklingError:
+        raise AdapterError(f"{path}: refused: the checkpoint holds Python objects besides tensors, and adapter files "
+                           "are read with torch.load(weights_only=True)") from None
+    except Exception as err:  # safetensors and torch raise their own types for damaged files
+        raise AdapterError(f"{path}: cannot read the adapter file, it is damaged or truncated "
+                           f"({_first_line(err)})") from None
+
+
+def check_lora_tensor(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """A LoRA matrix as it must be to render: 2-D, floating point, non-empty, every value finite."""
+    if tensor.ndim != 2 or tensor.numel() == 0:
+        raise AdapterError(f"{where}: shape {tuple(tensor.shape)} is not a LoRA matrix (2-D, non-empty)")
+    if not tensor.is_floating_point():
+        raise AdapterError(f"{where}: dtype {str(tensor.dtype).replace('torch.', '')} is not a floating point type")
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise AdapterError(f"{where}: {bad} of {tensor.numel()} values are not finite (NaN or infinity); the "
+                           "weights are damaged")
+    return tensor
+
+
 def _load_tensor_file(path: Path) -> tuple[dict, dict]:
-    """(state_dict, metadata) from .safetensors, or .pth/.pt/.bin read with weights_only=True."""
+    """(state_dict, metadata) of an adapter file, every tensor checked (:func:`iter_tensor_file`)."""
+    metadata = {}
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except Exception as e:  # safetensors raises its own error types
-            raise AdapterError(f"{path}: cannot read safetensors file ({e})") from None
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise AdapterError(f"{path}: cannot read checkpoint with weights_only=True ({e})") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise AdapterError(f"{path}: expected a dict of tensors")
-    return obj, {}
+                metadata = dict(f.metadata() or {})
+        except Exception as err:
+            raise AdapterError(f"{path}: cannot read the adapter file, it is damaged or truncated "
+                               f"({_first_line(err)})") from None
+    return dict(iter_tensor_file(path)), metadata
 
 
 # ---------------------------------------------------------------------------------------------- published
@@ -270,6 +345,117 @@ def _find_published_file(folder: Path, stem: str) -> Optional[Path]:
         if (folder / f"{stem}{ext}").is_file():
             return folder / f"{stem}{ext}"
     return None
+
+
+# ---------------------------------------------------------------------------------------------- checking files
+_STORYMEM_KEY = re.compile(r"^transformer\.blocks\.(\d+)\.(.+)\.(lora_A|lora_B)\.weight$")
+_EXPERT_NAMES = {"transformer": "high-noise expert (transformer)", "transformer_2": "low-noise expert (transformer_2)"}
+
+
+def _storymem_key(key: str):
+    m = _STORYMEM_KEY.match(key)
+    return None if m is None else (int(m.group(1)), m.group(2), m.group(3))
+
+
+def _published_key(key: str):
+    m = _PUBLISHED_KEY.match(key)
+    if m is None or m.group(2) not in ORIGINAL_TO_DIFFUSERS:
+        return None
+    return int(m.group(1)), ORIGINAL_TO_DIFFUSERS[m.group(2)], m.group(3)
+
+
+def _module_io(target: str, config: dict) -> Optional[tuple[int, int]]:
+    """(in, out) features of a targeted module of a Wan transformer, from the transformer's config."""
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    if target.startswith(("attn1.", "attn2.")):
+        return dim, dim
+    return {"ffn.net.0.proj": (dim, config["ffn_dim"]), "ffn.net.2": (config["ffn_dim"], dim)}.get(target)
+
+
+def _check_expert_file(file: Path, naming, targets: list[str], base: Optional[dict]) -> int:
+    """Read every tensor of one expert's file and check the layers they form; returns the rank."""
+    layers: dict = {}  # (block, target) -> {"lora_A": shape, "lora_B": shape}
+    for key, tensor in iter_tensor_file(file):
+        parsed = naming(key)
+        if parsed is None:
+            if key.endswith(".alpha") and naming is _published_key:
+                continue  # alpha is fixed by the published recipe
+            raise AdapterError(f"{file}: unexpected key {key} (not a LoRA matrix of a Wan transformer block)")
+        block, target, which = parsed
+        if target not in targets:
+            raise AdapterError(f"{file}: {key}: {target} is not one of the adapter's target modules {targets}")
+        if base is not None and block >= base["num_layers"]:
+            raise AdapterError(f"{file}: {key}: block {block}, but the base model has {base['num_layers']} blocks")
+        layers.setdefault((block, target), {})[which] = tuple(tensor.shape)
+    if not layers:
+        raise AdapterError(f"{file}: no LoRA weights")
+    ranks, features = set(), {}
+    for (block, target), pair in sorted(layers.items()):
+        where = f"{file}: blocks.{block}.{target}"
+        if len(pair) != 2:
+            raise AdapterError(f"{where}: {'lora_B' if 'lora_A' in pair else 'lora_A'} is missing (a LoRA layer is "
+                               "an A and a B matrix)")
+        (rank, fan_in), (fan_out, rank_b) = pair["lora_A"], pair["lora_B"]
+        if rank != rank_b:
+            raise AdapterError(f"{where}: lora_A {pair['lora_A']} and lora_B {pair['lora_B']} disagree on the rank")
+        ranks.add(rank)
+        expected = _module_io(target, base) if base is not None else features.setdefault(target, (fan_in, fan_out))
+        if expected is not None and (fan_in, fan_out) != expected:
+            other = "the base model's layer" if base is not None else "the same layer of the other blocks"
+            raise AdapterError(f"{where}: maps {fan_in} -> {fan_out} features; {other} maps {expected[0]} -> "
+                               f"{expected[1]}")
+    if len(ranks) > 1:
+        raise AdapterError(f"{file}: layers of different ranks {sorted(ranks)}")
+    blocks = base["num_layers"] if base is not None else 1 + max(block for block, _ in layers)
+    absent = [(b, t) for b in range(blocks) for t in targets if (b, t) not in layers]
+    if absent:
+        raise AdapterError(f"{file}: {len(absent)} LoRA layers are missing, e.g. blocks.{absent[0][0]}.{absent[0][1]}")
+    return ranks.pop()
+
+
+def check_adapter_files(path_or_repo, subfolder: Optional[str] = None, transformer_configs: Optional[dict] = None,
+                        **hub_kwargs) -> StoryMemLoraConfig:
+    """Check a storymem adapter folder or a published StoryMem folder before any model loads, and return its config.
+
+    Every tensor of every file is read (safetensors; ``.pth`` with ``weights_only=True``, memory-mapped): keys
+    must be LoRA matrices of the adapter's target modules, each layer an A ``[r, in]`` and a B ``[out, r]`` of
+    one rank (the config's), floating point, all values finite, every block present, features consistent across
+    blocks. ``transformer_configs`` (``{"transformer": config dict or None, "transformer_2": ...}``, when the base
+    model's transformer configs can be read without loading it) also checks blocks and features against the
+    base, and that it has the experts the adapter is for. Raises :class:`AdapterError` naming the file."""
+    folder = _variant_folder(_resolve_folder(path_or_repo, subfolder, **hub_kwargs))
+    config = None
+    if (folder / ADAPTER_CONFIG_NAME).exists():
+        config = StoryMemLoraConfig.from_file(folder / ADAPTER_CONFIG_NAME)
+        files = {expert: folder / EXPERT_FILES[expert] for expert in config.experts}
+        for expert, file in files.items():
+            if not file.is_file():
+                raise AdapterError(f"{file}: missing (the adapter config lists expert {expert!r})")
+        naming, targets = _storymem_key, list(config.target_modules)
+    else:
+        found = {e: _find_published_file(folder, stem) for e, stem in PUBLISHED_STEMS.items()}
+        files = {e: f for e, f in found.items() if f is not None}
+        if not files:
+            raise AdapterError(f"{folder}: neither {ADAPTER_CONFIG_NAME} nor backbone_high_noise/backbone_low_noise "
+                               f"(.safetensors or .pth) found")
+        naming, targets = _published_key, list(TARGET_MODULES)
+    ranks = {}
+    for expert, file in files.items():
+        base = None
+        if transformer_configs is not None:
+            base = transformer_configs.get(expert)
+            if base is None:
+                raise AdapterError(f"{file}: the base model has no {_EXPERT_NAMES[expert]} to load it into")
+        ranks[expert] = _check_expert_file(file, naming, targets, base)
+        if config is not None and ranks[expert] != config.rank:
+            raise AdapterError(f"{file}: rank {ranks[expert]}, but {ADAPTER_CONFIG_NAME} says {config.rank}")
+    if len(set(ranks.values())) > 1:
+        raise AdapterError(f"{folder}: the experts' ranks differ ({', '.join(f'{e}: {r}' for e, r in ranks.items())})")
+    if config is None:
+        rank = ranks[next(iter(files))]
+        config = StoryMemLoraConfig.published(PUBLISHED_VARIANTS.get(folder.name, "mi2v"), rank=rank)
+        config.experts = list(files)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------- api
@@ -331,8 +517,18 @@ def _resolve_folder(path_or_repo, subfolder: Optional[str], **hub_kwargs) -> Pat
         try:
             path = Path(snapshot_download(str(path_or_repo), allow_patterns=patterns, **hub_kwargs))
         except Exception as e:  # offline, unknown repository, no access: say which adapter could not be had
-            raise AdapterError(f"{path_or_repo}: not a local folder, and fetching it from the hub failed ({e})") \
-                from None
+            from .hub import download_hint, unreachable_reason
+
+            try:  # what an earlier download left in the cache is enough
+                path = Path(snapshot_download(str(path_or_repo), allow_patterns=patterns, local_files_only=True,
+                                              **hub_kwargs))
+            except Exception:
+                if "local_files_only" in hub_kwargs:
+                    raise AdapterError(f"{path_or_repo}: not a local folder, and not in the Hugging Face cache") \
+                        from None
+                raise AdapterError(f"{path_or_repo}: not a local folder, and not in the Hugging Face cache while "
+                                   f"{unreachable_reason()} ({_first_line(e)}); "
+                                   f"{download_hint([str(path_or_repo)])}") from None
     if subfolder:
         path = path / subfolder
     if path.is_file():
@@ -340,6 +536,18 @@ def _resolve_folder(path_or_repo, subfolder: Optional[str], **hub_kwargs) -> Pat
     if not path.is_dir():
         raise AdapterError(f"{path}: adapter folder not found")
     return path
+
+
+def _variant_folder(folder: Path) -> Path:
+    """The folder holding the adapter's files: ``folder``, or its one published variant subfolder."""
+    if not (folder / ADAPTER_CONFIG_NAME).exists() and _find_published_file(folder, PUBLISHED_STEMS["transformer"]) \
+            is None and _find_published_file(folder, PUBLISHED_STEMS["transformer_2"]) is None:
+        variants = [v for v in PUBLISHED_VARIANTS if (folder / v).is_dir()]
+        if len(variants) == 1:
+            return folder / variants[0]
+        if variants:
+            raise AdapterError(f"{folder}: holds several published variants {variants}; pass subfolder=one of them")
+    return folder
 
 
 def load_storymem_lora(pipe, path_or_repo, adapter_name: str = "storymem", subfolder: Optional[str] = None,
@@ -353,14 +561,7 @@ def load_storymem_lora(pipe, path_or_repo, adapter_name: str = "storymem", subfo
     """
     if memory_rope is not None and memory_rope not in ROPE_MODES:
         raise AdapterError(f"memory_rope must be one of {ROPE_MODES}, got {memory_rope!r}")
-    folder = _resolve_folder(path_or_repo, subfolder, **hub_kwargs)
-    if not (folder / ADAPTER_CONFIG_NAME).exists() and _find_published_file(folder, PUBLISHED_STEMS["transformer"]) \
-            is None and _find_published_file(folder, PUBLISHED_STEMS["transformer_2"]) is None:
-        variants = [v for v in PUBLISHED_VARIANTS if (folder / v).is_dir()]
-        if len(variants) == 1:
-            folder = folder / variants[0]
-        elif variants:
-            raise AdapterError(f"{folder}: holds several published variants {variants}; pass subfolder=one of them")
+    folder = _variant_folder(_resolve_folder(path_or_repo, subfolder, **hub_kwargs))
 
     plans = []  # (expert, converted state dict, source)
     if (folder / ADAPTER_CONFIG_NAME).exists():

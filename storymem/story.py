@@ -28,6 +28,9 @@ everything but `prompts` is optional; or a ``.txt`` file with one prompt per lin
 starting with ``#`` are skipped). All shots of a plain story belong to scene 1; without `cuts` every shot is
 a cut.
 
+**Unknown fields** are refused, naming the nearest known one (``"video_prompt"``: did you mean
+``"video_prompts"``?): a misspelt field would otherwise be ignored, or reported as missing.
+
 **The first shot.** A story's first shot has nothing to continue, so its `cut` must be true. A script that
 says false there is rejected with a `StoryError` (in both forms) rather than silently rewritten: the value
 is almost always a slip (a shifted `cut` list, a script cut out of a longer story) that the author wants to
@@ -36,6 +39,7 @@ hear about. Later scenes may start with false, which continues the last shot of 
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -266,9 +270,33 @@ def _check_first_cut(shots: list[Shot], source: str) -> None:
 
 
 _ST_BENCH_KEYS = {"story_name", "story_overview", "scenes"}
+# The fields each object of a script may have ("path": where a manifest's copy of the story came from).
+_ST_BENCH_FIELDS = ("story_name", "story_overview", "scenes", "path")
+_SCENE_FIELDS = ("scene_num", "video_prompts", "first_frame_prompt", "cut")
+_PLAIN_FIELDS = ("prompts", "cuts", "first_frame_prompts", "name", "overview", "path")
+
+
+def _check_fields(data: dict, known: Sequence[str], where: str) -> None:
+    """Refuse a field the schema does not have (a misspelt one would otherwise be ignored, or reported as the
+    field it was meant to be going missing), naming the nearest known one."""
+    forms = {_ST_BENCH_FIELDS: "ST-Bench", _PLAIN_FIELDS: "plain"}
+    for key in data:
+        if key in known:
+            continue
+        other = next((fields for fields in forms if fields is not known and key in fields), None)
+        if other is not None and known in forms:
+            hint = (f"'{key}' belongs to the {forms[other]} form, but this script is in the {forms[known]} form "
+                    f"(fields: {', '.join(known)})")
+        else:
+            # (a misspelt 'scenes' makes a script look like the plain form: look in both)
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6) or \
+                difflib.get_close_matches(str(key), [*_ST_BENCH_FIELDS, *_PLAIN_FIELDS], n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else f"known fields: {', '.join(known)}"
+        raise StoryError(f"{where}: unknown field '{key}'; {hint}")
 
 
 def _parse_scenes(data: dict, source: str, default_name: str) -> Story:
+    _check_fields(data, _ST_BENCH_FIELDS, source)
     name = _check_optional_text(data, "story_name", source, default_name)
     overview = _check_optional_text(data, "story_overview", source, "")
     if "scenes" not in data:
@@ -285,6 +313,7 @@ def _parse_scenes(data: dict, source: str, default_name: str) -> Story:
         where = f"{source}, scenes[{position}]"
         if not isinstance(scene, dict):
             raise StoryError(f"{where}: a scene must be an object, got {_type_name(scene)}")
+        _check_fields(scene, _SCENE_FIELDS, where)
         if "scene_num" not in scene:
             raise StoryError(f"{where}: missing field 'scene_num'")
         scene_num = scene["scene_num"]
@@ -325,6 +354,7 @@ def _parse_plain(data: Any, source: str, default_name: str) -> Story:
     if isinstance(data, list):
         prompts, cuts, first_frames, name, overview = data, None, None, default_name, ""
     elif isinstance(data, dict):
+        _check_fields(data, _PLAIN_FIELDS, source)
         if "prompts" not in data:
             raise StoryError(
                 f"{source}: missing field 'prompts' (a story is either the ST-Bench schema with 'scenes', "

@@ -488,7 +488,8 @@ def test_open_clip_path_end_to_end(tmp_path, tiny_clip_name, capsys):
     ]
     assert evaluation.main(argv) == 0, capsys.readouterr().err
     report = json.loads((out / "metrics.json").read_text())
-    assert report["encoders"]["video_text"] == f"open_clip {tiny_clip_name}/None (frame-averaged)"
+    # Random weights are named so, not "MODEL/None".
+    assert report["encoders"]["video_text"] == f"open_clip {tiny_clip_name} (random weights), frame-averaged"
     assert report["encoders"]["aesthetic"].startswith("LAION aesthetic aesthetic_head.pth on open_clip")
     metrics = report["metrics"]
     assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())

@@ -508,9 +508,10 @@ def test_changed_memory_source_is_refused(rendered, tmp_path, monkeypatch, capsy
     assert json.loads((out / "manifest.json").read_text())["settings"]["memory_source"] == "keyframes"
     assert main(_args(story, out, "--memory-source", "first-frame")) == 2
     assert 'memory_source: "keyframes" -> "first-frame"' in capsys.readouterr().err
-    # Every setting is recorded: one missing from the manifest is a difference, not a default.
+    # Every setting is recorded (with each shot): one missing from the last finished shot's record is a difference,
+    # not a default.
     manifest = json.loads((out / "manifest.json").read_text())
-    del manifest["settings"]["memory_source"]
+    del manifest["shots"][-1]["settings"]["memory_source"]
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert main(_args(story, out)) == 2
     assert 'memory_source: null -> "keyframes"' in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""The render manifest's schema: version 2 records each shot's memory RoPE mode; version 1 is migrated; other
-versions are refused; a resume that would change the memory layout is refused by name."""
+"""The render manifest's schema: version 3 records each shot's settings and memory RoPE mode; versions 1 and 2
+are migrated; other versions are refused; a resume that would change the memory layout is refused by name."""
 
 import json
 import shutil
@@ -11,7 +11,7 @@ from storymem import render
 from storymem.lora import StoryMemLoraConfig
 from storymem.render import models as render_models
 from storymem.render.cli import build_parser, options_from_args
-from storymem.render.plan import MANIFEST_VERSION, migrate_manifest_v1, read_manifest
+from storymem.render.plan import MANIFEST_VERSION, migrate_manifest, read_manifest
 from storymem.video import read_video
 
 STORY = {"prompts": ["a red circle in a green meadow", "the red circle walks to the tree", "a blue square"],
@@ -72,7 +72,7 @@ def _must_not_load(*args, **kwargs):
 def test_shots_record_their_memory_rope(contiguous_render):
     _, out = contiguous_render
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == "storymem-render" and manifest["version"] == MANIFEST_VERSION == 2
+    assert manifest["format"] == "storymem-render" and manifest["version"] == MANIFEST_VERSION == 3
     assert [s["memory_rope"] for s in manifest["shots"]] == ["contiguous"] * 3
     assert "memory_rope" not in manifest["settings"]  # per shot: it may come from the adapter
 
@@ -81,12 +81,28 @@ def test_migration_of_version_1():
     old = {"format": "storymem-render", "version": 1, "settings": {"seed": 0, "memory_rope": None},
            "runtime": {"memory_rope": "contiguous"},
            "shots": [{"index": 0, "mode": "t2v"}, {"index": 1, "mode": "mi2v"}]}
-    new = migrate_manifest_v1(old)
-    assert new["version"] == 2 and old["version"] == 1  # a new dict
+    new = migrate_manifest(old)
+    assert new["version"] == 3 and old["version"] == 1  # a new dict
     assert [s["memory_rope"] for s in new["shots"]] == [None, "contiguous"]  # the T2V model has no memory layout
     assert new["settings"] == {"seed": 0, "lora_scale": 1.0, "first_shot": "m2v", "memory_guidance": 1.0,
                                "memory_retrieval": {"mode": "window", "min_relevance": 0.0,
                                                     "relative_relevance": 0.0}}
+    # The one record of the settings becomes every shot's (a copy each).
+    assert [s["settings"] for s in new["shots"]] == [new["settings"]] * 2
+    assert new["shots"][0]["settings"] is not new["settings"]
+
+
+def test_migration_of_version_2_records_the_settings_per_shot(contiguous_render):
+    _, out = contiguous_render
+    manifest = json.loads((out / "manifest.json").read_text())
+    old = json.loads(json.dumps(manifest))
+    old["version"] = 2
+    for shot in old["shots"]:
+        del shot["settings"]
+    new = migrate_manifest(old)
+    assert new["version"] == 3 and [s["settings"] for s in new["shots"]] == [old["settings"]] * 3
+    assert [s["memory_rope"] for s in new["shots"]] == ["contiguous"] * 3  # kept as version 2 recorded it
+    assert migrate_manifest(manifest) == manifest  # version 3 stays as it is
 
 
 def test_version_1_render_resumes_only_with_its_recorded_mode(contiguous_render, tmp_path, spy, capsys):
@@ -105,7 +121,7 @@ def test_version_1_render_resumes_only_with_its_recorded_mode(contiguous_render,
     assert render.main(_args(story, out, "--memory-rope", "contiguous")) == 0
     assert len(spy) == 1 and spy[0]["kwargs"]["memory_rope"] == "contiguous"
     resumed = json.loads((out / "manifest.json").read_text())
-    assert resumed["version"] == 2 and resumed["finished"]
+    assert resumed["version"] == 3 and resumed["finished"]
     assert [s["memory_rope"] for s in resumed["shots"]] == ["contiguous"] * 3
     assert "memory_rope" not in resumed["settings"] and resumed["settings"]["lora_scale"] == 1.0
     _, reference = contiguous_render
@@ -129,14 +145,26 @@ def test_changed_memory_rope_is_refused_before_any_model_loads(contiguous_render
         assert render.prepare(story_obj, options).start == start
 
 
+def _save_adapter(folder, **config):
+    """A rank-4 storymem adapter for the tiny base (untrained: B is zero)."""
+    from storymem.builtin import load_builtin_pipeline
+    from storymem.lora import add_storymem_adapter, save_storymem_lora
+
+    pipe = load_builtin_pipeline("tiny")
+    config = StoryMemLoraConfig(rank=4, alpha=4.0, **config)
+    for model in (pipe.transformer, pipe.transformer_2):
+        add_storymem_adapter(model, config)
+    save_storymem_lora(folder, {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}, config)
+    return folder
+
+
 def test_adapter_metadata_is_read_before_loading(contiguous_render, tmp_path, monkeypatch):
     story, out, manifest = _interrupted_copy(contiguous_render, tmp_path)
+    adapters = {mode: _save_adapter(tmp_path / mode, memory_rope=mode) for mode in ("negative", "contiguous")}
     monkeypatch.setattr(render_models, "load_pipeline", _must_not_load)
-    for mode in ("negative", "contiguous"):
-        adapter = tmp_path / mode  # metadata only: no weights are read to learn the mode
-        adapter.mkdir()
-        StoryMemLoraConfig(rank=4, alpha=4.0, memory_rope=mode).save(adapter / "storymem_adapter.json")
-        manifest["settings"].update(lora=str(adapter), fuse=True)  # an adapter is fused by default
+    for mode, adapter in adapters.items():
+        for shot in manifest["shots"]:
+            shot["settings"].update(lora=str(adapter), fuse=True)  # an adapter is fused by default
         (out / "manifest.json").write_text(json.dumps(manifest))
         story_obj, options = options_from_args(build_parser().parse_args(_args(story, out, "--lora", str(adapter))))
         if mode == "negative":
@@ -148,7 +176,7 @@ def test_adapter_metadata_is_read_before_loading(contiguous_render, tmp_path, mo
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"version": 3}, "render manifest version 3 is not supported; this storymem reads version 2"),
+    ({"version": 4}, "render manifest version 4 is not supported; this storymem reads version 3"),
     ({"version": None}, "render manifest version null is not supported"),
     ({"format": "other"}, "not a storymem render manifest"),
 ])

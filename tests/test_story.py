@@ -167,3 +167,43 @@ def test_story_error_is_value_error():
     assert issubclass(StoryError, ValueError)
     with pytest.raises(ValueError):
         Story.from_prompts([])
+
+
+def _scene(**extra):
+    return dict({"scene_num": 1, "video_prompts": ["A cat sleeps."], "cut": [True]}, **extra)
+
+
+UNKNOWN_FIELDS = [
+    # (script, the error's end)
+    ({"scene": [_scene()]}, "unknown field 'scene'; did you mean 'scenes'?"),
+    ({"secnes": [_scene()]}, "unknown field 'secnes'; did you mean 'scenes'?"),
+    (st_bench_script(story_overveiw="x"), "unknown field 'story_overveiw'; did you mean 'story_overview'?"),
+    (st_bench_script(storyname="x"), "unknown field 'storyname'; did you mean 'story_name'?"),
+    ({"scenes": [{"scene_num": 1, "video_prompt": ["A cat."], "cut": [True]}]},
+     "scenes[0]: unknown field 'video_prompt'; did you mean 'video_prompts'?"),
+    ({"scenes": [_scene(cuts=[True])]}, "scenes[0]: unknown field 'cuts'; did you mean 'cut'?"),
+    ({"scenes": [_scene(first_frame_prompts=["x"])]},
+     "scenes[0]: unknown field 'first_frame_prompts'; did you mean 'first_frame_prompt'?"),
+    ({"scenes": [_scene(duration=5)]}, "scenes[0]: unknown field 'duration'; known fields: scene_num, video_prompts"),
+    ({"prompt": ["A cat."]}, "unknown field 'prompt'; did you mean 'prompts'?"),
+    ({"prompts": ["A cat."], "cut": [True]}, "unknown field 'cut'; did you mean 'cuts'?"),
+    ({"prompts": ["A cat."], "title": "x"}, "unknown field 'title'; known fields: prompts, cuts"),
+    ({"prompts": ["A cat."], "scenes": []},
+     "unknown field 'prompts'; 'prompts' belongs to the plain form, but this script is in the ST-Bench form"),
+    ({"prompts": ["A cat."], "story_name": "x"},
+     "unknown field 'story_name'; 'story_name' belongs to the ST-Bench form, but this script is in the plain form"),
+]
+
+
+@pytest.mark.parametrize("data, message", UNKNOWN_FIELDS, ids=[m[:40] for _, m in UNKNOWN_FIELDS])
+def test_unknown_fields_are_refused_with_the_nearest_name(tmp_path, data, message):
+    path = write_json(tmp_path, data)
+    with pytest.raises(StoryError) as caught:
+        load_story(path)
+    text = str(caught.value)
+    assert text.startswith(str(path)) and "\n" not in text and message in text, text
+
+
+def test_a_manifests_story_record_reads_back():
+    story = Story.from_dict(st_bench_script())
+    assert Story.from_dict(story.to_dict()).prompts == story.prompts  # 'path' is a known field

@@ -39,6 +39,7 @@ __all__ = [
     "ViCLIPVisionTransformer",
     "VideoTextEncoder",
     "clip_center_crop",
+    "clip_label",
     "load_aesthetic_head",
     "sample_frame_indices",
 ]
@@ -88,6 +89,13 @@ class FrameScorer(Protocol):
         ...
 
 
+def clip_label(model_name: str, pretrained) -> str:
+    """How a report names an open_clip model: ``ViT-L-14/openai``, or ``ViT-L-14 (random weights)``."""
+    if pretrained is None:
+        return f"{model_name} (random weights)"
+    return f"{model_name}/{Path(pretrained).name if Path(str(pretrained)).is_file() else pretrained}"
+
+
 def sample_frame_indices(num_frames: int, count: int) -> list[int]:
     """VBench's "middle" sampling: split [0, num_frames) into `count` equal segments and take the middle of
     each; a video shorter than `count` frames is padded with its last frame."""
@@ -118,8 +126,9 @@ class OpenCLIPVideoEncoder:
 
     def __init__(self, embedder, name: str | None = None):
         self.embedder = embedder
-        model = f"{getattr(embedder, 'model_name', type(embedder).__name__)}/{getattr(embedder, 'pretrained', None)}"
-        self.name = name or f"open_clip {model} (frame-averaged)"
+        model_name = getattr(embedder, "model_name", type(embedder).__name__)
+        model = clip_label(model_name, getattr(embedder, "pretrained", None))
+        self.name = name or f"open_clip {model}, frame-averaged"
 
     @classmethod
     def load(
@@ -135,6 +144,7 @@ class OpenCLIPVideoEncoder:
         embedder = OpenCLIPEmbedder(
             model_name=model_name, pretrained=pretrained, device=device, batch_size=batch_size, precision=dtype
         )
+        embedder.check_available()  # offline: name the weights to download now, not after the videos are read
         return cls(embedder)
 
     @torch.no_grad()
@@ -458,9 +468,9 @@ class LaionAestheticScorer:
             embedder = OpenCLIPEmbedder(
                 model_name=clip_model, pretrained=pretrained, device=device, batch_size=batch_size, precision=dtype
             )
-        return cls(
-            head, embedder, name=f"LAION aesthetic {Path(head_path).name} on open_clip {clip_model}/{pretrained}"
-        )
+            embedder.check_available()
+        name = f"LAION aesthetic {Path(head_path).name} on open_clip {clip_label(clip_model, pretrained)}"
+        return cls(head, embedder, name=name)
 
     @torch.no_grad()
     def score_frames(self, frames: np.ndarray, prompt: str = "") -> list[float]:

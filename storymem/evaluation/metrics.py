@@ -125,7 +125,7 @@ def _shots_from_manifest(manifest_path: Path, out_dir: Path, story_path,
     if isinstance(listed, list) and len(listed) > len(story):
         raise EvalError(
             f"story and folder disagree: {manifest_path} lists {len(listed)} shots but the story "
-            f"{story.path or story.name!r} has {len(story)}"
+            f"{story.path or repr(story.name)} has {len(story)}"
         )
     files = _manifest_videos(manifest, manifest_path, out_dir, len(story))
     missing = [shot for shot in story if shot.index not in files]

@@ -9,6 +9,7 @@ array [N, H, W, 3], or a float tensor [N, 3, H, W] in [0, 1]. Embedders also cou
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..devices import DTYPE_NAMES, default_device, torch_dtype
+from ..hub import MissingWeightsError, cached_file, hub_offline, missing_weights
 from ..images import uint8_images
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -43,6 +45,11 @@ def _group_by_size(images: Sequence[np.ndarray]) -> dict[tuple[int, int], list[i
     for i, image in enumerate(images):
         groups.setdefault(image.shape[:2], []).append(i)
     return groups
+
+
+class _DropDownloadLog(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to download weights")
 
 
 class OpenCLIPEmbedder:
@@ -126,22 +133,71 @@ class OpenCLIPEmbedder:
                 "(or pass a checkpoint file path)"
             )
 
+    def hub_weights(self) -> tuple[str, list[str]]:
+        """(hub repository, its weight file names) the weights download from; ("", []) for a local checkpoint,
+        random weights, or a tag open_clip fetches from elsewhere."""
+        if self._model is not None:
+            return "", []
+        if self.model_name.startswith("hf-hub:"):
+            return self.model_name[len("hf-hub:") :], ["open_clip_config.json"]
+        if self.pretrained is None or os.path.isfile(self.pretrained) or self.model_name.startswith("local-dir:"):
+            return "", []
+        import open_clip
+
+        hub = open_clip.get_pretrained_cfg(self.model_name, self.pretrained).get("hf_hub", "")
+        repo, filename = os.path.split(hub.rstrip("/")) if hub.endswith((".bin", ".pt", ".pth", ".safetensors")) \
+            else (hub.rstrip("/"), "")
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        return repo, names
+
+    def missing_repos(self) -> list[str]:
+        """The hub repositories of the weights that are not in the local cache (empty: nothing to download)."""
+        repo, names = self.hub_weights()
+        return [repo] if repo and cached_file(repo, names, cache_dir=self.cache_dir) is None else []
+
+    def _missing_weights(self) -> MissingWeightsError | None:
+        repos = self.missing_repos()
+        if not repos:
+            return None
+        tag = f"{self.model_name}:{self.pretrained}" if self.pretrained else self.model_name
+        return missing_weights(f"open_clip {tag}", repos, instead="give a local checkpoint file")
+
+    def check_available(self) -> None:
+        """Raise :class:`~storymem.hub.MissingWeightsError` now, before anything loads, when the weights would
+        have to be downloaded but the hub is switched off (``HF_HUB_OFFLINE``)."""
+        if hub_offline():
+            missing = self._missing_weights()
+            if missing is not None:
+                raise missing
+
     def load(self) -> "OpenCLIPEmbedder":
-        """Build the model now (otherwise it is built on the first `embed`)."""
+        """Build the model now (otherwise it is built on the first `embed`). Weights that are neither local nor
+        downloadable are a :class:`~storymem.hub.MissingWeightsError` naming them."""
         if self._model is None:
             import open_clip
 
+            self.check_available()
             quick_gelu = self.force_quick_gelu
             if quick_gelu is None and self.pretrained and not os.path.isfile(self.pretrained):
                 quick_gelu = bool(open_clip.get_pretrained_cfg(self.model_name, self.pretrained).get("quick_gelu"))
-            model = open_clip.create_model(
-                self.model_name,
-                pretrained=self.pretrained,
-                precision=self.precision,
-                device=self.device,
-                force_quick_gelu=bool(quick_gelu),
-                cache_dir=self.cache_dir,
-            )
+            quiet = _DropDownloadLog()  # open_clip logs the failure it then raises: one message, ours, is enough
+            logging.getLogger().addFilter(quiet)
+            try:
+                model = open_clip.create_model(
+                    self.model_name,
+                    pretrained=self.pretrained,
+                    precision=self.precision,
+                    device=self.device,
+                    force_quick_gelu=bool(quick_gelu),
+                    cache_dir=self.cache_dir,
+                )
+            except Exception:
+                missing = self._missing_weights()  # the download failed: say so, not how it failed
+                if missing is not None:
+                    raise missing from None
+                raise
+            finally:
+                logging.getLogger().removeFilter(quiet)
             self._prepare_model(model)
         return self
 

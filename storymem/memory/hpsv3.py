@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..devices import default_device, torch_dtype
+from ..hub import cached_file, hub_offline, is_hub_id, missing_weights
 from ..images import uint8_images
 from .images import IMAGE_FACTOR, smart_resize
 from .scorers import check_prompts
@@ -256,9 +257,43 @@ class HPSv3Scorer:
 
         return Path(hf_hub_download(self.checkpoint, HPSV3_CHECKPOINT_FILE, cache_dir=self.cache_dir))
 
+    def missing_repos(self) -> list[str]:
+        """The hub repositories of the weights that are not in the local cache (empty: nothing to download)."""
+        return [repo for repo, names in ((self.checkpoint, [HPSV3_CHECKPOINT_FILE]), (self.base, ["config.json"]))
+                if is_hub_id(repo) and cached_file(repo, names, cache_dir=self.cache_dir) is None]
+
+    def _missing_weights(self):
+        """The MissingWeightsError for hub weights not in the local cache (None when all are here)."""
+        missing = self.missing_repos()
+        if not missing:
+            return None
+        return missing_weights("HPSv3", missing, instead="do without it (storymem render --aesthetic none)")
+
+    def check_available(self) -> None:
+        """Raise :class:`~storymem.hub.MissingWeightsError` now, before anything loads, when weights would have to
+        be downloaded but the hub is switched off (``HF_HUB_OFFLINE``)."""
+        if hub_offline():
+            missing = self._missing_weights()
+            if missing is not None:
+                raise missing
+
     def load(self) -> "HPSv3Scorer":
+        """Load the processor, the config and the checkpoint now; weights that are neither local nor downloadable
+        are a :class:`~storymem.hub.MissingWeightsError` naming them."""
         if self.model is not None:
             return self
+        self.check_available()
+        try:
+            return self._load()
+        except Exception as err:
+            if isinstance(err, HPSv3CheckpointError):
+                raise
+            missing = self._missing_weights()  # a download failed: say which weights are missing
+            if missing is not None:
+                raise missing from None
+            raise
+
+    def _load(self) -> "HPSv3Scorer":
         from transformers import AutoConfig, AutoProcessor
 
         processor = AutoProcessor.from_pretrained(self.base, padding_side="right", cache_dir=self.cache_dir)

@@ -29,12 +29,16 @@ Several stories with one loaded model (experiments)::
     for story, out in jobs:
         render_story(story, dataclasses.replace(options, out_dir=out), pipe=pipe, selector=selector)
 
+Every input is checked before any model loads and before the output folder is touched - the story, every option
+against its range and the base's RoPE table, the images, the adapter's files tensor by tensor, the folder's
+permissions, and offline the weights to be downloaded; a bad input is a :class:`RenderError` (exit code 2) naming
+the file, shot or flag at fault. One render writes into a folder at a time (the renderer holds its
+:class:`~storymem.locking.FolderLock`), and a shot that decodes to non-finite or constant frames stops the render by
+name. The manifest records the settings of each shot (version 3).
+
 A whole benchmark (``storymem render --story stories/ --out BATCH``, under ``torchrun`` over many GPUs and
 nodes): :func:`render_batch` renders each story into ``BATCH/<file stem>/``, the processes sharing the stories
 (:mod:`~storymem.render.batch`).
-
-Every input is checked before any model loads and before the output folder is touched; a bad input is a
-:class:`RenderError` (exit code 2) naming the file, shot or flag at fault.
 
 Modules: :mod:`~storymem.render.options` (the options and their validation), :mod:`~storymem.render.plan`
 (manifest schema, resume, :func:`prepare`), :mod:`~storymem.render.models` (loaders),

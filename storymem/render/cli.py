@@ -43,8 +43,15 @@ class StoryArguments:
              "their own stories; default: the processes of one machine)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its refusals as one line (``error: ...``, exit code 2), like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} ({self.prog} --help lists the flags)\n")
+
+
 def build_parser(prog: str = "storymem render") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description="Render a story script shot by shot with StoryMem's visual memory (Wan2.2-I2V-A14B + M2V "
                     "LoRA). Rerun the same command to resume an interrupted render.")
@@ -86,17 +93,22 @@ def options_from_args(args: argparse.Namespace) -> tuple[Any, RenderOptions]:
     overrides: dict = {}
     if args.out_dir is None:
         overrides["out_dir"] = Path(DEMO_OUT if chosen.demo else Path("outputs") / story_path.stem)
-    if chosen.demo:
-        base = args.base or "toy"
-        overrides.update(base=base, device=args.device or "cpu")
+    if chosen.demo:  # (an empty --base or --device is refused by the options, not replaced here)
+        base = "toy" if args.base is None else args.base
+        overrides.update(base=base, device="cpu" if args.device is None else args.device)
         if args.lora is None and base == "toy":
             overrides["lora"] = "toy"  # the demo is the small world's model with its M2V adapter
     return story, from_args(RenderOptions, args, **overrides)
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``storymem render``; returns the exit code (0 ok; 2 bad input, nothing loaded or written; 130
-    interrupted)."""
+    """``storymem render``; returns the exit code (0 ok; 2 bad input, nothing loaded or written, or a render that
+    cannot go on - the folder in use, a model that does not load, a shot that decodes to nothing; 1 a failed
+    write; 130 interrupted). Every error is one line on stderr."""
     from ..memory import MemoryBankError
     from ..story import StoryError
     from .plan import MANIFEST_NAME, prepare
@@ -112,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         story, options = options_from_args(args)
         plan = prepare(story, options)
     except (RenderError, StoryError, MemoryBankError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
 
     renderer = StoryRenderer(plan)
@@ -124,9 +136,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"\ninterrupted: {done} of {len(story)} shots are finished in {plan.options.out_dir}; rerun the "
                   "same command to continue", file=sys.stderr)
         return 130
-    except RenderError as err:  # found only once a model is loaded (e.g. the adapter's continuation mode)
-        print(f"error: {err}", file=sys.stderr)
+    except RenderError as err:  # the folder is in use, a model that cannot load, a broken shot
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # writing failed (a full disk, a folder made read-only meanwhile): finished shots stay
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        print(f"error: {where}{err.strerror or _one_line(err)}; the shots listed in {plan.options.out_dir}/"
+              f"{MANIFEST_NAME} are complete, rerun the same command to continue", file=sys.stderr)
+        return 1
     if renderer.is_main:
         out = Path(plan.options.out_dir)
         done = len(manifest["shots"])

@@ -13,8 +13,45 @@ from typing import Optional
 
 from .options import RenderError, RenderOptions, looks_local
 
-__all__ = ["load_pipeline", "load_render_pipeline", "load_t2v_pipeline", "load_adapter", "adapter_memory_rope",
-           "place_pipeline", "set_adapter_scale", "adapter_disabled", "build_selector"]
+__all__ = ["load_pipeline", "load_render_pipeline", "load_t2v_pipeline", "load_adapter",
+           "place_pipeline", "set_adapter_scale", "adapter_disabled", "build_selector", "base_transformer_configs",
+           "check_adapter", "check_downloads", "loading_bars", "load_selector"]
+
+
+@contextlib.contextmanager
+def loading_bars(enabled: bool):
+    """diffusers', transformers' and huggingface_hub's loading and download bars on (as they were) or off."""
+    if enabled:
+        yield
+        return
+    import huggingface_hub.utils as hub_utils
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = (diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled(),
+           hub_utils.are_progress_bars_disabled())
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
+        if not was[2]:
+            hub_utils.enable_progress_bars()
+
+
+def _load_error(flag: str, name: str, err: Exception, needs: tuple[str, ...] = ("model_index.json",)) -> RenderError:
+    """One line for a model that did not load: the weights missing offline, or the loader's own reason."""
+    from ..hub import cached_file, is_hub_id, missing_weights
+
+    if is_hub_id(name) and cached_file(name, needs) is None:
+        return RenderError(str(missing_weights(f"{flag} {name}", [name], instead=f"pass a local folder to {flag}")))
+    reason = " ".join(str(err).split()) or type(err).__name__
+    return RenderError(f"{flag} {name}: cannot load it as a diffusers Wan2.2 pipeline ({reason})")
 
 
 def load_pipeline(options: RenderOptions, shared: Optional[dict] = None):
@@ -31,7 +68,8 @@ def load_pipeline(options: RenderOptions, shared: Optional[dict] = None):
     dtype = torch_dtype(options.dtype)
     if options.is_builtin:
         try:
-            pipe = load_builtin_pipeline(options.base)  # float32; the VAE stays so
+            with loading_bars(options.progress):
+                pipe = load_builtin_pipeline(options.base)  # float32; the VAE stays so
         except BuiltinWeightsError as err:
             raise RenderError(str(err)) from None
         if dtype != torch.float32:
@@ -40,10 +78,14 @@ def load_pipeline(options: RenderOptions, shared: Optional[dict] = None):
                     model.to(dtype)
     else:
         components = dict(shared or {})
-        if "vae" not in components:
-            components["vae"] = AutoencoderKLWan.from_pretrained(options.base, subfolder="vae",
-                                                                 **dtype_kwargs(torch.float32))
-        pipe = StoryMemPipeline.from_pretrained(options.base, **dtype_kwargs(dtype), **components)
+        try:
+            with loading_bars(options.progress):
+                if "vae" not in components:
+                    components["vae"] = AutoencoderKLWan.from_pretrained(options.base, subfolder="vae",
+                                                                         **dtype_kwargs(torch.float32))
+                pipe = StoryMemPipeline.from_pretrained(options.base, **dtype_kwargs(dtype), **components)
+        except (OSError, ValueError, KeyError, TypeError) as err:  # no network, not a diffusers folder, ...
+            raise _load_error("--base", options.base, err) from None
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=options.shift)
     return pipe
 
@@ -63,7 +105,8 @@ def load_render_pipeline(options: RenderOptions, shared: Optional[dict] = None, 
     speed = speed if speed is not None else prepare_speed(options)
     pipe = load_pipeline(options, shared=shared)
     if options.lora:
-        load_adapter(pipe, options.lora)
+        with loading_bars(options.progress):
+            load_adapter(pipe, options.lora)
     if options.attention_backend and options.parallel == "none":
         for model in (pipe.transformer, pipe.transformer_2):
             if model is not None:
@@ -78,8 +121,12 @@ def load_t2v_pipeline(options: RenderOptions):
 
     from ..devices import dtype_kwargs, torch_dtype
 
-    vae = AutoencoderKLWan.from_pretrained(options.t2v_model, subfolder="vae", **dtype_kwargs(torch.float32))
-    pipe = WanPipeline.from_pretrained(options.t2v_model, vae=vae, **dtype_kwargs(torch_dtype(options.dtype)))
+    try:
+        with loading_bars(options.progress):
+            vae = AutoencoderKLWan.from_pretrained(options.t2v_model, subfolder="vae", **dtype_kwargs(torch.float32))
+            pipe = WanPipeline.from_pretrained(options.t2v_model, vae=vae, **dtype_kwargs(torch_dtype(options.dtype)))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _load_error("--t2v-model", options.t2v_model, err) from None
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=options.t2v_shift)
     return pipe
 
@@ -113,25 +160,129 @@ def _adapter_source(value: str) -> tuple[str, Optional[str]]:
 
 def load_adapter(pipe, value: str):
     """Load the ``--lora`` adapter into ``pipe`` (see :func:`_adapter_source` for the forms it takes)."""
-    source, subfolder = _adapter_source(value)
-    return pipe.load_storymem_lora(source, subfolder=subfolder)
-
-
-def adapter_memory_rope(value: Optional[str]) -> Optional[str]:
-    """The memory RoPE mode the ``--lora`` adapter records, read from its folder's metadata without loading its
-    weights; None where that needs the adapter loaded (hub ids, published folders, which carry no metadata)."""
-    if not value:
-        return None
-    from ..lora import ADAPTER_CONFIG_NAME, AdapterError, StoryMemLoraConfig
+    from ..lora import AdapterError
 
     source, subfolder = _adapter_source(value)
-    config = Path(source) / (subfolder or "") / ADAPTER_CONFIG_NAME
-    if not config.is_file():
-        return None
     try:
-        return StoryMemLoraConfig.from_file(config).memory_rope
+        return pipe.load_storymem_lora(source, subfolder=subfolder)
     except AdapterError as err:
         raise RenderError(f"--lora {value}: {err}") from None
+
+
+def base_transformer_configs(base: str) -> Optional[dict]:
+    """``{"transformer": config, "transformer_2": config or None}`` of ``base`` where they can be read without
+    loading weights: the built-in models', a local diffusers folder's, or a hub id's already in the local cache;
+    None where they cannot."""
+    import json
+
+    from ..builtin import builtin_base_folder, is_builtin
+
+    if base == "tiny":
+        from ..builtin.tiny import TinyConfig
+
+        tiny = TinyConfig()
+        config = {"patch_size": [1, 2, 2], "num_attention_heads": tiny.heads, "attention_head_dim": tiny.head_dim,
+                  "ffn_dim": tiny.ffn_dim, "num_layers": tiny.layers, "rope_max_seq_len": tiny.rope_max_seq_len}
+        return {"transformer": config, "transformer_2": config if tiny.two_experts else None}
+    folder = builtin_base_folder(base) if is_builtin(base) else Path(base)
+    if not (folder / "model_index.json").is_file():
+        from ..hub import cached_file, is_hub_id
+
+        index = cached_file(base, ["model_index.json"]) if is_hub_id(base) else None
+        if index is None:
+            return None
+        folder = index.parent
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        configs = {}
+        for expert in ("transformer", "transformer_2"):
+            entry = index.get(expert)
+            listed = isinstance(entry, list) and entry and entry[0] is not None
+            configs[expert] = json.loads((folder / expert / "config.json").read_text(encoding="utf-8")) \
+                if listed else None
+        return configs
+    except (OSError, ValueError, AttributeError):
+        return None  # an unreadable folder: the loader will say what is wrong with it
+
+
+def _local_adapter(value: str) -> Optional[tuple[str, Optional[str]]]:
+    """(folder, subfolder) of a --lora value whose files are on this machine (a hub id only when cached)."""
+    source, subfolder = _adapter_source(value)
+    if Path(source).exists():
+        return source, subfolder
+    from ..hub import is_hub_id
+
+    if not is_hub_id(source):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        patterns = [f"{subfolder}/*"] if subfolder else None
+        return snapshot_download(source, allow_patterns=patterns, local_files_only=True), subfolder
+    except Exception:  # not (completely) in the cache: it downloads when the render loads it
+        return None
+
+
+def check_adapter(options: RenderOptions):
+    """The ``--lora`` adapter's config after :func:`~storymem.lora.check_adapter_files` read and checked every
+    tensor (against the base's transformer configs where they can be read); None without an adapter or for a hub
+    id not yet downloaded (then loading checks it). Nothing loads."""
+    if not options.lora:
+        return None
+    from ..lora import AdapterError, check_adapter_files
+
+    local = _local_adapter(options.lora)
+    if local is None:
+        return None
+    try:
+        return check_adapter_files(local[0], subfolder=local[1],
+                                   transformer_configs=base_transformer_configs(options.base))
+    except AdapterError as err:
+        raise RenderError(f"--lora {options.lora}: {err}") from None
+
+
+def check_downloads(options: RenderOptions, selector=None, models_given: bool = False) -> None:
+    """Offline (``HF_HUB_OFFLINE``), refuse at once - before anything loads - a render whose weights would have to
+    be downloaded: the base, the T2V model, the adapter, the keyframe embedder and HPSv3, all named in one line
+    (``models_given``: the caller loaded the pipeline; the base and the adapter are not looked at)."""
+    from ..builtin import is_builtin
+    from ..hub import cached_file, download_hint, hub_offline, is_hub_id
+
+    if not hub_offline():
+        return
+    missing, repos = [], []
+    names = (("--t2v-model", options.t2v_model),) if models_given else \
+        (("--base", options.base), ("--t2v-model", options.t2v_model))
+    for flag, value in names:
+        if value and not is_builtin(value) and is_hub_id(value) and cached_file(value, ["model_index.json"]) is None:
+            missing.append(f"{flag} {value}")
+            repos.append(value)
+    if options.lora and not models_given and options.lora != "toy" and _local_adapter(options.lora) is None:
+        missing.append(f"--lora {options.lora}")
+        repos.append(_adapter_source(options.lora)[0])
+    for flag, model in (("--embedder", getattr(selector, "embedder", None)),
+                        ("--aesthetic hpsv3", getattr(selector, "scorer", None))):
+        absent = model.missing_repos() if callable(getattr(model, "missing_repos", None)) else []
+        if absent:
+            missing.append(flag)
+            repos.extend(r for r in absent if r not in repos)
+    if missing:
+        raise RenderError(f"the hub is switched off (HF_HUB_OFFLINE) and these weights are not on this machine: "
+                          f"{', '.join(missing)}; {download_hint(repos)}; or use local ones (a folder for --base / "
+                          f"--lora, --embedder pixel, --aesthetic none)")
+
+
+def load_selector(selector) -> None:
+    """Load the keyframe selector's models now (they would load on the first selection, after a shot is drawn), so
+    weights that cannot be had stop the render before it writes anything."""
+    from ..hub import MissingWeightsError
+
+    for part in (getattr(selector, "embedder", None), getattr(selector, "scorer", None)):
+        if part is not None and callable(getattr(part, "load", None)):
+            try:
+                part.load()
+            except MissingWeightsError as err:
+                raise RenderError(str(err)) from None
 
 
 def set_adapter_scale(pipe, scale: float, adapter_name: str = "storymem") -> None:
@@ -172,8 +323,10 @@ def build_selector(options: RenderOptions, device: Optional[str] = None):
         elif os.path.isfile(spec):
             embedder = OpenCLIPEmbedder("ViT-B-32", pretrained=spec, device=device)
         else:
-            name, _, tag = spec.partition(":")
-            embedder = OpenCLIPEmbedder(name, pretrained=tag or "openai", device=device)
+            name, colon, tag = spec.partition(":")
+            if colon and not tag.strip() or not name.strip():
+                raise ValueError("expected MODEL:TAG or MODEL:CHECKPOINT (e.g. ViT-B-32:openai)")
+            embedder = OpenCLIPEmbedder(name, pretrained=tag if colon else "openai", device=device)
     except (ValueError, OSError) as err:
         raise RenderError(f"--embedder {spec!r}: {err}") from None
     if options.aesthetic == "none":

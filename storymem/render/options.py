@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -37,7 +38,7 @@ from ..defaults import (
 )
 
 __all__ = ["RenderError", "RenderOptions", "GROUP_TITLES", "FIRST_SHOTS", "MEMORY_SOURCES", "CONTINUATIONS",
-           "shot_seed", "file_record", "looks_local"]
+           "shot_seed", "file_record", "looks_local", "latent_frames", "check_model_capacity"]
 
 # How shot 1 starts when no T2V model, first image or reference images are given: M2V on an empty memory
 # (through the adapter), or the base alone with the adapter switched off ("base": for bases that generate from
@@ -249,7 +250,8 @@ class RenderOptions:
         from ..builtin import BUILTIN_SAMPLING, is_builtin
         from .speed import sampling_values
 
-        base = self.base or WAN_I2V_BASE
+        self._check_texts()  # before None means "automatic": an empty name must not become the default
+        base = WAN_I2V_BASE if self.base is None else self.base
         builtin = is_builtin(base)
         auto = BUILTIN_SAMPLING if builtin else _RELEASE_SAMPLING
         changes = {k: auto[k] for k in _RELEASE_SAMPLING if getattr(self, k) is None}
@@ -259,7 +261,14 @@ class RenderOptions:
         changes.update(base=base, device=device, dtype=self._resolved_dtype(device, builtin),
                        out_dir=Path(self.out_dir) if self.out_dir is not None else Path("outputs") / "story")
         changes.update(sampling_values(dataclasses.replace(self, base=base)))
-        return dataclasses.replace(self, **changes)
+        resolved = dataclasses.replace(self, **changes)
+        # numpy's numbers (a sweep's values) as Python's, so the settings record as JSON; others stay for validate().
+        for names, kind, cast in ((_INTEGER_RANGES, numbers.Integral, int), (_REAL_RANGES, numbers.Real, float)):
+            for name in names:
+                value = getattr(resolved, name)
+                if isinstance(value, kind) and not isinstance(value, bool):
+                    setattr(resolved, name, cast(value))
+        return resolved
 
     def _resolved_device(self) -> str:
         from ..devices import resolve_device
@@ -325,13 +334,49 @@ class RenderOptions:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Check flag values and combinations of resolved options (no file is read, nothing loads); a bad one
-        is a :class:`RenderError` naming the flag."""
+        is a :class:`RenderError` naming the flag. Every number is checked against its real range: nothing out
+        of range is replaced by a default. What depends on the model (the RoPE table) is checked by
+        :func:`check_model_capacity`."""
+        self._check_texts()
+        self._check_numbers()
         self._check_choices()
         self._check_sampling()
         self._check_memory()
         self._check_sources()
         self._check_speed()
         self._check_placement()
+
+    def _check_texts(self) -> None:
+        for name in _NAMES:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise RenderError(f"{_flag(name)} {value!r}: must be a non-empty name (leave the flag out for "
+                                  "the default)")
+        shot = self.from_shot
+        if shot is not None and (isinstance(shot, bool) or not isinstance(shot, (str, int))
+                                 or isinstance(shot, str) and not shot.strip()):
+            raise RenderError(f"--from-shot {shot!r}: expected a shot number or a file stem such as 02_01")
+
+    def _check_numbers(self) -> None:
+        """Types and ranges of the numeric options that do not depend on each other or on the model."""
+        for name, (low, high, hint) in _INTEGER_RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise RenderError(f"{_flag(name)} {value!r}: must be a whole number")
+            if value < low or (high is not None and value > high):
+                upper = f" and at most {high}" if high is not None else ""
+                raise RenderError(f"{_flag(name)} {value}: must be at least {low}{upper}{hint}")
+        for name, (low, high, hint) in _REAL_RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RenderError(f"{_flag(name)} {value!r}: must be a finite number")
+            if (low is not None and value < low) or (high is not None and value > high) or \
+                    (name in _POSITIVE and value <= 0):
+                raise RenderError(f"{_flag(name)} {value}: must be {hint}")
 
     def _check_choices(self) -> None:
         for f in dataclasses.fields(self):
@@ -342,51 +387,37 @@ class RenderOptions:
 
     def _check_sampling(self) -> None:
         o = self
-        if o.frames < 5 or (o.frames - 1) % 4:
+        if (o.frames - 1) % 4:
             raise RenderError(f"--frames {o.frames}: must be of the form 4n+1 and at least 5 (e.g. {FRAMES})")
         for name in ("height", "width"):
             value = getattr(o, name)
-            if value is not None and (value < 16 or value % 16):
+            if value is not None and value % 16:
                 raise RenderError(f"--{name} {value}: must be a positive multiple of 16")
         if (o.height is None) != (o.width is None):
             raise RenderError("give both --height and --width, or neither (then the size comes from the area and "
                               "the conditioning image's aspect ratio)")
-        if o.area < 256:
-            raise RenderError(f"--area {o.area}: too small")
-        if o.steps < 1:
-            raise RenderError(f"--steps {o.steps}: must be >= 1")
-        if o.fps <= 0:
-            raise RenderError(f"--fps {o.fps}: must be > 0")
-        for name in ("guidance", "guidance_2", "memory_guidance", "t2v_guidance", "t2v_guidance_2"):
-            value = getattr(o, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise RenderError(f"{_flag(name)} {value}: must be a finite number >= 0")
-        for name in ("shift", "t2v_shift"):
-            if not (math.isfinite(getattr(o, name)) and getattr(o, name) > 0):
-                raise RenderError(f"{_flag(name)} {getattr(o, name)}: must be > 0")
-        if o.seed < 0:
-            raise RenderError(f"--seed {o.seed}: must be >= 0")
+        # The pipelines guide by the text only above 1 (diffusers' rule): a scale in [0, 1) would silently
+        # be 1, and a second expert's scale is then ignored.
+        for first, second in (("guidance", "guidance_2"), ("t2v_guidance", "t2v_guidance_2")):
+            if getattr(o, first) == 1.0 and getattr(o, second) not in (None, 1.0):
+                raise RenderError(f"{_flag(second)} {getattr(o, second)}: ignored when {_flag(first)} is 1 (no "
+                                  f"classifier-free guidance at all); give {_flag(first)} above 1 too, or drop "
+                                  f"{_flag(second)}")
 
     def _check_memory(self) -> None:
         o = self
-        if o.max_memory < 1:
-            raise RenderError(f"--max-memory {o.max_memory}: must be >= 1")
-        if not 0 <= o.sink <= o.max_memory:
+        if o.sink > o.max_memory:
             raise RenderError(f"--sink {o.sink}: must be between 0 and --max-memory ({o.max_memory})")
         if o.continuation == "mm2v" and o.frames < MOTION_FRAMES + 4:
             raise RenderError(f"--frames {o.frames}: MM2V continuations drop {MOTION_FRAMES} frames; use at least "
                               f"{MOTION_FRAMES + 4}")
         for name in ("memory_min_relevance", "memory_relative_relevance"):
             value = getattr(o, name)
-            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-                raise RenderError(f"{_flag(name)} {value}: must be in [0, 1]")
             if value and o.memory_retrieval != "prompt":
                 raise RenderError(f"{_flag(name)} {value}: only applies with --memory-retrieval prompt")
         if o.memory_retrieval != "window" and o.memory_source == "none":
             raise RenderError(f"--memory-retrieval {o.memory_retrieval} picks memory frames, but --memory-source "
                               "none renders without memory; drop one of them")
-        if not -1.0 <= o.keyframe_threshold <= 1.0:
-            raise RenderError(f"--keyframe-threshold {o.keyframe_threshold}: must be a cosine in [-1, 1]")
 
     def _check_sources(self) -> None:
         o = self
@@ -408,8 +439,6 @@ class RenderOptions:
                 raise RenderError(f"{flag} {value}: not found")
         if o.lora == "tiny":
             raise RenderError("--lora tiny: there is no random adapter; --lora toy is the small world's adapter")
-        if not (math.isfinite(o.lora_scale) and o.lora_scale >= 0):
-            raise RenderError(f"--lora-scale {o.lora_scale}: must be a finite number >= 0")
         if o.lora_scale != 1.0 and not o.lora:
             raise RenderError(f"--lora-scale {o.lora_scale}: there is no --lora to scale")
         if o.is_builtin and o.t2v_model:
@@ -428,6 +457,9 @@ class RenderOptions:
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RenderError(f"--device {self.device}: CUDA is not available on this machine")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise RenderError(f"--device {self.device}: this machine has {torch.cuda.device_count()} CUDA "
+                              "device(s), numbered from 0")
         if self.offload != "none" and device.type == "cpu":
             raise RenderError(f"--offload {self.offload}: offloading moves models to an accelerator; --device is "
                               "cpu")
@@ -435,7 +467,77 @@ class RenderOptions:
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return {"out_dir": "--out"}.get(name, "--" + name.replace("_", "-"))
+
+
+# Options that name something (a model, a folder, a device): None is the default, an empty name is a mistake.
+_NAMES = ("base", "lora", "t2v_model", "device", "attention_backend", "embedder", "hpsv3_checkpoint",
+          "hpsv3_base")
+# Whole-number options: (lowest, highest or None, what the bound is).
+_INTEGER_RANGES = {
+    "height": (16, None, ""),
+    "width": (16, None, ""),
+    "area": (256, None, " pixels"),
+    "frames": (5, None, " (4n+1)"),
+    "fps": (1, 240, " frames per second"),
+    # UniPC draws its steps from the 1000 timesteps the models were trained on.
+    "steps": (1, 1000, " (the models' 1000 training timesteps)"),
+    # torch generators take 64-bit seeds; a shot's seed is the base seed plus its index.
+    "seed": (0, 2 ** 63 - 1, ""),
+    "max_memory": (1, None, ""),
+    "sink": (0, None, ""),
+}
+# Real-valued options: (lowest or None, highest or None, the range in words); all must be finite.
+_REAL_RANGES = {
+    "lora_scale": (0.0, None, "a number >= 0 (1: as trained, 0: the base alone)"),
+    "guidance": (1.0, None, "at least 1 (1: no classifier-free guidance)"),
+    "guidance_2": (1.0, None, "at least 1 (1: no classifier-free guidance)"),
+    "t2v_guidance": (1.0, None, "at least 1 (1: no classifier-free guidance)"),
+    "t2v_guidance_2": (1.0, None, "at least 1 (1: no classifier-free guidance)"),
+    "memory_guidance": (0.0, None, "a number >= 0 (1: off)"),
+    "shift": (None, None, "a number > 0"),
+    "t2v_shift": (None, None, "a number > 0"),
+    "memory_min_relevance": (0.0, 1.0, "in [0, 1]"),
+    "memory_relative_relevance": (0.0, 1.0, "in [0, 1]"),
+    "keyframe_threshold": (-1.0, 1.0, "a cosine in [-1, 1]"),
+}
+_POSITIVE = ("shift", "t2v_shift")
+
+
+def latent_frames(frames: int) -> int:
+    """Latent frames of a shot of ``frames`` frames (the VAE keeps the first and packs 4 into one after it)."""
+    return (frames - 1) // 4 + 1
+
+
+def check_model_capacity(options: "RenderOptions", rope_max_seq_len: int, patch_size=(1, 2, 2),
+                         memory_rope: Optional[str] = None, vae_stride: int = 8, model: str = "the model",
+                         size_from: Optional[str] = None, memory_stride: Optional[int] = None) -> None:
+    """Refuse sizes the transformer's RoPE table cannot hold: each axis of the latent grid (time, height,
+    width, in patches) indexes one table of ``rope_max_seq_len`` rows. Time holds the ``--max-memory`` memory
+    frames and the shot's latent frames: side by side (``contiguous``), or the memory at negative positions
+    ``-(fm - j) * memory_stride`` (``negative``, the default; the table is read at ``|position|``).
+    ``size_from``: the flag the size came from when it was not given (``--area N``)."""
+    from ..defaults import ROPE_STRIDE
+
+    stride = memory_stride or ROPE_STRIDE
+    n = int(rope_max_seq_len)
+    p_t, p_h, p_w = patch_size
+    f = latent_frames(options.frames) // p_t
+    fm = 0 if options.memory_source == "none" else options.max_memory
+    where = f"the RoPE table of {model} has {n} positions per axis"
+    if f > n:
+        raise RenderError(f"--frames {options.frames}: {f} latent frames do not fit; {where}")
+    if memory_rope == "contiguous" and fm + f > n:
+        raise RenderError(f"--max-memory {fm} with --frames {options.frames}: {fm} memory + {f} shot latent frames "
+                          f"do not fit side by side (contiguous memory RoPE); {where}")
+    if memory_rope != "contiguous" and fm * stride >= n:
+        raise RenderError(f"--max-memory {fm}: memory frames sit {stride} positions apart before the shot "
+                          f"(negative memory RoPE), so at most {(n - 1) // stride} fit; {where}")
+    for name, value, patch in (("height", options.height, p_h), ("width", options.width, p_w)):
+        if value is not None and value // (vae_stride * patch) > n:
+            flag = f"{size_from}: a {name} of {value}" if size_from else f"--{name} {value}"
+            raise RenderError(f"{flag}: {value // (vae_stride * patch)} patches do not fit; {where} (at most "
+                              f"{n * vae_stride * patch} pixels)")
 
 
 def shot_seed(shot, base_seed: int, seed_mode: str = "global") -> int:

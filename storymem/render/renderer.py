@@ -1,9 +1,14 @@
-"""The shot loop: runs a :class:`~storymem.render.plan.RenderPlan` - loads the models, renders the remaining
-shots one by one with the memory bank, and lists each shot in the manifest once its files are complete."""
+"""The shot loop: runs a :class:`~storymem.render.plan.RenderPlan` - takes the output folder's lock, loads the
+models, renders the remaining shots one by one with the memory bank, and lists each shot in the manifest once its
+files are complete. A shot whose frames decode to non-finite or constant values stops the render (it is not
+listed), as broken weights would otherwise pass as an all-black shot."""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
+import os
+import shutil
 import sys
 import time
 import warnings
@@ -14,9 +19,10 @@ import numpy as np
 
 from ..defaults import MOTION_FRAMES, WAN_NEGATIVE_PROMPT
 from . import models, outputs
-from .options import RenderError, RenderOptions, shot_seed
+from .options import RenderError, RenderOptions, check_model_capacity, shot_seed
 from .parallel import ProcessGroup, enable_context_parallel
-from .plan import RenderPlan, check_memory_rope, continued_manifest, new_manifest, now, prepare
+from .plan import (OUTPUT_FILES, OUTPUT_FOLDERS, RenderPlan, check_memory_rope, continued_manifest,
+                   new_manifest, now, prepare, read_manifest)
 from .speed import check_given_pipeline, prepare_speed, release_t2v, setup_pipeline, storymem_adapter_off
 
 __all__ = ["StoryRenderer", "render_story", "SHOT_MODES"]
@@ -36,9 +42,13 @@ class StoryRenderer:
             each call, so one render's options do not leak into the next. Default: loaded from the options.
         group: the processes that render this story together, already started (a batch's group, see
             :mod:`~storymem.render.batch`); default: started from ``options.parallel`` when the render runs.
+        lock: a held :class:`~storymem.locking.FolderLock` of the output folder, for a caller that took it itself
+            (before :func:`prepare`); default: the render takes the folder's lock before it loads or writes
+            anything and gives it back when it ends. A folder another render holds is a
+            :class:`~storymem.locking.FolderLockError` naming the holder, at once.
     """
 
-    def __init__(self, plan: RenderPlan, pipe=None, group: Optional[ProcessGroup] = None):
+    def __init__(self, plan: RenderPlan, pipe=None, group: Optional[ProcessGroup] = None, lock=None):
         from ..memory.retrieval import TextRelevance, story_take_texts
 
         self.plan = plan
@@ -57,6 +67,8 @@ class StoryRenderer:
         # Every keyframe keeps its take's text, so a bank saved now can be retrieved by prompt later.
         self.take_texts = story_take_texts(self.story)
         self.relevance = TextRelevance(self.take_texts)
+        self.lock = lock
+        self.settings: dict = {}  # this run's settings, as each shot it renders records them
 
     # ------------------------------------------------------------------ setup
     @property
@@ -88,6 +100,12 @@ class StoryRenderer:
         self.adapter = getattr(self.pipe, "storymem_adapter", None)
         self._progress_config(self.pipe)
         self.timings["load_s"] = self.timings.get("load_s", 0.0) + time.perf_counter() - t0
+        for model in (self.pipe.transformer, getattr(self.pipe, "transformer_2", None)):
+            if model is not None:  # the loaded (or given) model's RoPE table, in the mode now known
+                check_model_capacity(o, model.config.rope_max_seq_len, tuple(model.config.patch_size),
+                                     memory_rope=self.memory_rope, vae_stride=self.pipe.vae_scale_factor_spatial,
+                                     model=f"--base {o.base}",
+                                     memory_stride=getattr(self.pipe, "memory_rope_stride", None))
         if self.continuation_mode == "mm2v" and o.frames < MOTION_FRAMES + 4:
             raise RenderError(f"--frames {o.frames}: the adapter continues shots with MM2V, which drops "
                               f"{MOTION_FRAMES} frames; use at least {MOTION_FRAMES + 4}")
@@ -161,8 +179,7 @@ class StoryRenderer:
                 elif mode == "mm2v":
                     kwargs["motion_frames"] = bank.last_frames(MOTION_FRAMES)
             out = self.pipe(**common, **kwargs)
-        frames = np.asarray(out.frames[0])
-        return np.round(np.clip(frames, 0.0, 1.0) * 255.0).astype(np.uint8), entries
+        return _checked_frames(np.asarray(out.frames[0]), shot, mode), entries
 
     def _memory_for(self, shot, bank) -> list:
         """The bank entries shot ``shot`` is conditioned on: the sink + window, or retrieved by its take text."""
@@ -222,8 +239,11 @@ class StoryRenderer:
         }
         manifest["timings"] = dict(manifest.get("timings", {}), load_s=round(self.timings.get("load_s", 0.0), 3))
         self.manifest = manifest
+        self.settings = manifest["settings"]
         if self.is_main:
             outputs.write_manifest(self.out_dir, self.manifest)
+            if plan.clear_previous:
+                _clear_previous_outputs(self.out_dir)
 
     # ------------------------------------------------------------------ run
     def _initial_bank(self):
@@ -239,7 +259,8 @@ class StoryRenderer:
         return bank
 
     def run(self) -> dict:
-        """Render the remaining shots; returns the final manifest."""
+        """Render the remaining shots; returns the final manifest. The output folder's lock is held throughout
+        (see the class doc)."""
         from tqdm.auto import tqdm
 
         o = self.options
@@ -248,39 +269,69 @@ class StoryRenderer:
         if start >= len(self.story):
             # Everything is rendered already: refresh the derived outputs, load no model.
             self.manifest = self.plan.previous
-            if self.is_main:
-                outputs.write_story_outputs(self.out_dir, self.manifest)
+            if _launch_rank() == 0:
+                held = self._take_lock()
+                try:
+                    outputs.write_story_outputs(self.out_dir, self.manifest)
+                finally:
+                    if held is not None:
+                        held.release()
             return self.manifest
 
         self.group = self.given_group or ProcessGroup.start(o.parallel)
         self.device = self.group.device or self.device
-        bank = self._initial_bank()
-        t2v_frames, shared = None, None
-        if start == 0 and self.mode_for(self.story[0]) == "t2v":
-            t2v_frames, shared = self._render_t2v_first_shot()
-        self._load_main_pipeline(shared)
-        if not o.is_builtin and start == 0 and self.mode_for(self.story[0]) == "m2v" and not self.plan.references:
-            warnings.warn("shot 1 is generated from text alone by the I2V model with an empty memory; "
-                          "--t2v-model (Wan2.2-T2V-A14B) gives a better opening shot", stacklevel=2)
-        # Nothing is written before this point: the folder gets its manifest first.
-        self._start_manifest()
-        if self.is_main and start == 0:
-            outputs.write_references(self.out_dir, self.plan.references)
-
-        bar = tqdm(total=len(self.story), initial=start, desc="shots", unit="shot",
-                   disable=not (o.progress and self.is_main), file=sys.stderr)
+        held = self._take_lock()  # before any model loads: a second render into the folder stops at once
         try:
-            for shot in self.story.shots[start:]:
-                self._render_shot(shot, bank, t2v_frames)
-                bar.update(1)
+            bank = self._initial_bank()
+            t2v_frames, shared = None, None
+            if start == 0 and self.mode_for(self.story[0]) == "t2v":
+                t2v_frames, shared = self._render_t2v_first_shot()
+            self._load_main_pipeline(shared)
+            if self.is_main and self.plan.selector is not None and o.memory_source == "keyframes":
+                models.load_selector(self.plan.selector)  # else it loads after shot 1 is drawn
+            if not o.is_builtin and start == 0 and self.mode_for(self.story[0]) == "m2v" and not self.plan.references:
+                warnings.warn("shot 1 is generated from text alone by the I2V model with an empty memory; "
+                              "--t2v-model (Wan2.2-T2V-A14B) gives a better opening shot", stacklevel=2)
+            # Nothing is written before this point: the folder gets its manifest first.
+            self._start_manifest()
+            if self.is_main and start == 0:
+                outputs.write_references(self.out_dir, self.plan.references)
+
+            bar = tqdm(total=len(self.story), initial=start, desc="shots", unit="shot",
+                       disable=not (o.progress and self.is_main), file=sys.stderr)
+            try:
+                for shot in self.story.shots[start:]:
+                    self._render_shot(shot, bank, t2v_frames)
+                    bar.update(1)
+            finally:
+                bar.close()
+            self.manifest["finished"] = len(self.manifest["shots"]) == len(self.story)
+            self.manifest["timings"]["render_s"] = round(time.perf_counter() - t_run, 3)
+            if self.is_main:
+                outputs.write_manifest(self.out_dir, self.manifest)
         finally:
-            bar.close()
-        self.manifest["finished"] = len(self.manifest["shots"]) == len(self.story)
-        self.manifest["timings"]["render_s"] = round(time.perf_counter() - t_run, 3)
-        if self.is_main:
-            outputs.write_manifest(self.out_dir, self.manifest)
+            if held is not None:
+                held.release()
         self.group.close()
         return self.manifest
+
+    def _take_lock(self) -> Optional["_HeldLock"]:
+        """Rank 0 takes the output folder's lock (None: the caller holds it, or another rank); when it cannot,
+        every rank stops with the holder named."""
+        from ..locking import FolderLock, FolderLockError
+
+        error, held = None, None
+        if self.is_main and self.lock is None:
+            lock = FolderLock(self.out_dir, owner="storymem render", purpose=f"rendering {self.story.name!r}")
+            held = _HeldLock(lock, self.plan, remove_if_empty=not self.out_dir.exists())
+            try:
+                held.acquire()
+            except (FolderLockError, RenderError) as err:
+                error, held = str(err), None
+        error = self.group.share(error)
+        if error is not None:
+            raise RenderError(error)
+        return held
 
     def _render_shot(self, shot, bank, t2v_frames=None):
         """Generate one shot, pick its keyframes into ``bank``, write its files, then list it as finished."""
@@ -316,6 +367,7 @@ class StoryRenderer:
             "memory_rope": None if mode == "t2v" else self.memory_rope,
             "num_frames": int(len(frames)), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
             "fps": o.fps, "memory": memory_used, **files,
+            "settings": self.settings,  # what decided this shot's pixels (--from-shot may change them later on)
             "timings": {"generate_s": round(t_generate, 3), "keyframes_s": round(t2 - t1, 3),
                         "write_s": round(t3 - t2, 3)},
             "finished": now(),
@@ -349,14 +401,84 @@ class StoryRenderer:
         return frames, shared
 
 
-def render_story(story, options: RenderOptions, pipe=None, selector=None) -> dict:
+def _launch_rank() -> int:
+    """This process's rank in a torchrun launch (0 outside one)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+class _HeldLock:
+    """The output folder's FolderLock, held for one render. Taking it also checks that the folder is still as the
+    plan found it (a render that ended in between); giving it back removes a folder the render created that stayed
+    empty (the model did not load)."""
+
+    def __init__(self, lock, plan: RenderPlan, remove_if_empty: bool):
+        self.lock, self.plan, self.remove_if_empty = lock, plan, remove_if_empty
+
+    def acquire(self) -> None:
+        self.lock.acquire()
+        try:
+            _check_unchanged(self.plan)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        self.lock.release()
+        folder = self.lock.folder
+        if self.remove_if_empty and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _check_unchanged(plan: RenderPlan) -> None:
+    """The folder's manifest is still the one the plan was made from (checked under the lock; --force starts over
+    whatever is there now)."""
+    if plan.options.force:
+        return
+    path = plan.manifest_path
+    now_there = read_manifest(path) if path.is_file() else None
+    before = plan.previous
+    if (now_there is None) != (before is None) or (now_there is not None and now_there.get("updated") !=
+                                                     before.get("updated")):
+        raise RenderError(f"{path.parent}: another render changed the folder while this one was being prepared; run "
+                          "the command again")
+
+
+def _checked_frames(frames: np.ndarray, shot, mode: str) -> np.ndarray:
+    """The decoded frames (floats in [0, 1]) as uint8, or a RenderError for frames that cannot be a picture:
+    values that are not finite (NaN or infinity), or one value everywhere in every frame."""
+    where = f"shot {shot.index + 1} ({shot.file_stem}, {mode.upper()})"
+    finite = np.isfinite(frames)
+    if not finite.all():
+        raise RenderError(f"{where}: {np.size(frames) - int(finite.sum())} of {np.size(frames)} decoded values are "
+                          "not finite (NaN or infinity): the model or adapter weights are broken, or the guidance "
+                          "overflows; nothing of this shot was written")
+    pixels = np.round(np.clip(frames, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if pixels.size and (pixels == pixels.flat[0]).all():
+        raise RenderError(f"{where}: every frame decodes to the one value {int(pixels.flat[0])} (a blank shot): the "
+                          "model or adapter weights are broken; nothing of this shot was written")
+    return pixels
+
+
+def _clear_previous_outputs(out_dir: Path) -> None:
+    """--force over a render: remove what it wrote (the new manifest, written first, lists no shot yet)."""
+    for name in OUTPUT_FOLDERS:
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    for name in OUTPUT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def render_story(story, options: RenderOptions, pipe=None, selector=None, lock=None) -> dict:
     """Validate, then render ``story`` (a :class:`~storymem.story.Story` or a path) into ``options.out_dir``.
 
     Returns the manifest. ``pipe``: an already loaded StoryMemPipeline to use instead of loading one (see
     :func:`~storymem.render.load_render_pipeline`); ``selector``: an already built keyframe selector (see
-    :func:`~storymem.render.build_selector`). Both let several renders share their models."""
+    :func:`~storymem.render.build_selector`). Both let several renders share their models. ``lock``: the output
+    folder's :class:`~storymem.locking.FolderLock` when the caller holds it already (see :class:`StoryRenderer`)."""
     from ..story import Story, load_story
 
     if not isinstance(story, Story):
         story = load_story(story)
-    return StoryRenderer(prepare(story, options, selector=selector), pipe=pipe).run()
+    return StoryRenderer(prepare(story, options, selector=selector, pipe=pipe), pipe=pipe, lock=lock).run()

@@ -10,6 +10,7 @@ keyframes the shot gave to the memory (orange frame).
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import os
@@ -22,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..atomic import atomic_write_bytes
 
-__all__ = ["SheetRow", "build_contact_sheet", "write_contact_sheet", "write_index_html", "write_report",
+__all__ = ["FONT_PATH", "SheetRow", "build_contact_sheet", "write_contact_sheet", "write_index_html", "write_report",
            "rows_from_manifest"]
 
 ImageSource = Union[str, os.PathLike, np.ndarray, Image.Image]
@@ -44,11 +45,20 @@ class SheetRow:
     keyframes: list = field(default_factory=list)
 
 
+# Noto Sans CJK SC, subset to Latin, Greek, Cyrillic, punctuation, kana, GB 2312 and KS X 1001 Hangul (OFL;
+# fonts/README.md): prompts with em dashes, accents or CJK draw as text, not as empty boxes, on any machine.
+FONT_PATH = Path(__file__).resolve().parent / "fonts" / "NotoSansCJKsc-Regular-subset.otf"
+
+
+@functools.lru_cache(maxsize=8)
 def _font(size: int):
     try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has a single bitmap font
-        return ImageFont.load_default()
+        return ImageFont.truetype(str(FONT_PATH), size)
+    except OSError:  # a copy of storymem without its font: Pillow's own (Latin only)
+        try:
+            return ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1 has a single bitmap font
+            return ImageFont.load_default()
 
 
 def _open(image: ImageSource) -> Image.Image:
