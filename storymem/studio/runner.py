@@ -427,7 +427,7 @@ class RenderRunner:
             if self._stop.is_set():
                 raise RenderStopped()
             self._set(state="rendering", phase="starting")
-            StoryRenderer(job.plan, pipe=SteppedPipeline(pipe, self._on_call, self._on_step)).run()
+            StoryRenderer(job.plan, pipe=SteppedPipeline(pipe, self._on_call, self._on_step), lock=job.lock).run()
         except RenderStopped:
             outcome = {"state": "stopped", "message": "stopped; the finished shots are kept: start again to resume"}
         except (RenderError, StoryError, MemoryBankError, FolderLockError, ValueError, OSError) as err:
