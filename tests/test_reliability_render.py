@@ -619,9 +619,9 @@ BAD_COMMAND_LINES = {
 def test_every_bad_command_line_is_one_line(case, tmp_path, no_model, capsys):
     extra, expected = BAD_COMMAND_LINES[case]
     story = _write(tmp_path / "s.json", STORY)
-    if extra == ["--story-field"]:
-        extra = ["--story", str(_write(tmp_path / "typo.json", {"scenes": [
-            {"scene_num": 1, "video_prompt": ["a red circle"], "cut": [True]}]}))]
+    if extra == ["--story-field"]:  # this story instead of the good one (two stories would be a batch)
+        story, extra = _write(tmp_path / "typo.json", {"scenes": [
+            {"scene_num": 1, "video_prompt": ["a red circle"], "cut": [True]}]}), []
     assert main(_args(story, tmp_path / "out", *extra)) == 2
     _one_error_line(capsys.readouterr().err, expected)
     assert not (tmp_path / "out").exists()

@@ -251,6 +251,7 @@ class RenderOptions:
         from .speed import sampling_values
 
         self._check_texts()  # before None means "automatic": an empty name must not become the default
+        self._check_numbers()  # before the preset fills in what was not given
         base = WAN_I2V_BASE if self.base is None else self.base
         builtin = is_builtin(base)
         auto = BUILTIN_SAMPLING if builtin else _RELEASE_SAMPLING
