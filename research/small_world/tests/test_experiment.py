@@ -237,7 +237,8 @@ def test_default_conditions_and_the_contiguous_rows(models, tmp_path):
         experiment.plan_experiment(ExperimentConfig(**base, lora_scale=-1.0))
     # 'toy' names the shipped adapter, as --base toy names the shipped base.
     from storymem.builtin import ADAPTER_DIR
-    plan = experiment.plan_experiment(ExperimentConfig(**{**base, "adapter": "toy"}))
+    # (with the shipped base: the adapter's files are checked against the base's blocks before anything loads)
+    plan = experiment.plan_experiment(ExperimentConfig(**{**base, "base": "toy", "adapter": "toy"}))
     assert plan.jobs["m2v"][0][1].options.lora == str(ADAPTER_DIR.resolve())
     assert plan.adapters["adapter"]["memory_rope"] == "negative"
 
